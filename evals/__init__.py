@@ -1,0 +1,1 @@
+"""Evaluation side of mor-bench: corpora, tokenizers, data preparation and benchmark suites."""

@@ -1,0 +1,250 @@
+"""`mor-bench`: the command line.
+
+    mor-bench models [--json]                     presets x families: params and FLOPs
+    mor-bench suites                              the built-in suites
+    mor-bench run SUITE [--dry-run] [--json]      train a suite, write records and a report
+    mor-bench report RUN_DIR [--json]             re-render the comparison table
+    mor-bench peak-flops                          measured matmul peak (the MFU denominator)
+
+Bad input (unknown preset, impossible model, missing corpus, malformed suite) is reported
+as one line on stderr with exit code 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mor.errors import MorBenchError
+
+EXAMPLES = """examples:
+  mor-bench run smoke                      # the built-in CPU suite (~4 min on 2 cores)
+  mor-bench run paper-360m --dry-run       # plan the paper's Table 3 models, no training
+  mor-bench run my_suite.toml --corpus ../shared/data/corpus/prose_en.jsonl.gz
+  mor-bench report runs/smoke-20261129-101500-a1b2c3
+  mor-bench models --json | jq '.[] | select(.preset == "360m")'
+"""
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _rich_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("model", "preset", "family", "layers",
+                                                      "run_id", "budget") else "right")
+    for row in rows:
+        table.add_row(*["-" if row.get(c) is None else str(row.get(c)) for c in columns])
+    # Off a terminal (CI logs, pipes) rich would wrap at 80 columns and elide numbers.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+# --- models ------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    """List presets x families with parameters and FLOPs/token (analytic, nothing built)."""
+    from mor import ModelConfig, flops
+    from mor.config import PRESETS
+
+    rows = []
+    for preset in PRESETS:
+        variants = [("vanilla", 1)] + [(f, n) for f in ("recursive", "mor")
+                                       for n in args.recursions]
+        for family, nr in variants:
+            try:
+                cfg = ModelConfig.from_preset(preset, family=family, num_recursions=nr)
+            except MorBenchError:
+                continue  # this N_r does not fit this preset's depth
+            seq = min(args.seq_len, cfg.max_seq_len)
+            counts = flops.param_counts(cfg)
+            rows.append({
+                "preset": preset, "family": family,
+                "num_recursions": nr if family != "vanilla" else None,
+                "layers": cfg.layer_plan, "unrolled_depth": cfg.unrolled_depth,
+                "params_unique": counts["unique"],
+                "params_non_embedding": counts["non_embedding"],
+                "seq_len": seq,
+                "flops_per_token_paper": flops.flops_per_token(cfg, seq, "paper"),
+                "flops_per_token_exact": flops.flops_per_token(cfg, seq, "exact"),
+            })
+    if args.json:
+        _print_json(rows)
+        return 0
+    shown = [{**r, "num_recursions": r["num_recursions"],
+              "params_unique": f"{r['params_unique'] / 1e6:,.2f}M",
+              "params_non_embedding": f"{r['params_non_embedding'] / 1e6:,.2f}M",
+              "flops_per_token_paper": f"{r['flops_per_token_paper']:.3g}",
+              "flops_per_token_exact": f"{r['flops_per_token_exact']:.3g}"} for r in rows]
+    _rich_table("mor-bench presets (forward FLOPs per token)", shown, list(rows[0]))
+    return 0
+
+
+def cmd_suites(args: argparse.Namespace) -> int:
+    """List the built-in suites."""
+    from evals.suite import builtin_suites, parse_suite
+
+    rows = []
+    for name, text in sorted(builtin_suites().items()):
+        s = parse_suite(text, f"builtin:{name}")
+        rows.append({"name": name, "models": len(s.models), "seeds": len(s.seeds),
+                     "corpus": s.data.corpus, "description": s.description})
+    if args.json:
+        _print_json(rows)
+    else:
+        _rich_table("built-in suites", rows, ["name", "models", "seeds", "corpus",
+                                              "description"])
+    return 0
+
+
+# --- run -----------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train every model of a suite under its budget, then write records and a report."""
+    from evals.suite import load_suite
+
+    suite = load_suite(args.suite)
+    if args.dry_run:
+        from evals.runner import dry_run
+
+        rows = dry_run(suite)
+        if args.json:
+            _print_json(rows)
+        else:
+            shown = [{"run_id": r["run_id"], "family": r["family"], "layers": r["layers"],
+                      "N_r": r["num_recursions"],
+                      "non-emb params": f"{r['params_non_embedding'] / 1e6:,.2f}M",
+                      "FLOPs/tok": f"{r['flops_per_token_paper']:.3g}",
+                      "tokens": f"{r['tokens']:.4g}", "steps": r["steps"],
+                      "batch tokens": r["batch_tokens"]} for r in rows]
+            _rich_table(f"plan for suite {suite.name} (forward FLOPs, paper convention)",
+                        shown, list(shown[0]))
+        return 0
+
+    from evals.runner import DEFAULT_CACHE, run_suite
+    from reports.table import format_table, render_report
+
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
+    run_dir, records, failed = run_suite(suite, Path(args.out), corpus=args.corpus,
+                                         cache_dir=cache, log=log)
+    report = render_report(run_dir)
+    latest = Path(args.out) / f"{suite.name}-latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run_dir.name)
+    except OSError:
+        pass  # a convenience only (e.g. filesystems without symlinks)
+    if args.json:
+        _print_json({"run_dir": str(run_dir), "report": report["markdown"],
+                     "failed": failed, "records": [r["run_id"] for r in records],
+                     "table": json.loads(report["table"].to_json(orient="records"))})
+    else:
+        shown = format_table(report["table"]).to_dict(orient="records")
+        cols = ["model", "layers", "tokens", "val_nll", "rel_val_nll", "train_time_s",
+                "tokens_per_s", "rel_tokens_per_s", "peak_mem_mb", "mfu"]
+        _rich_table(f"suite {suite.name}", shown, cols)
+        print(f"report: {report['markdown']}")
+    if failed:
+        print(f"mor-bench: {len(failed)} run(s) failed: {', '.join(failed)}; see error.txt in "
+              f"their directories under {run_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render RUN_DIR/report.md and report.csv from the run's records."""
+    from reports.table import render_report, to_markdown
+
+    report = render_report(args.run_dir)
+    if args.json:
+        table = report.pop("table")
+        _print_json({**report, "table": json.loads(table.to_json(orient="records"))})
+    else:
+        print(to_markdown(report["table"]))
+        print(f"\nwrote {report['markdown']} and {report['csv']}")
+    return 0
+
+
+def cmd_peak_flops(args: argparse.Namespace) -> int:
+    """Measure the fp32 (CPU) or bf16 (CUDA) square-matmul peak used as MFU denominator."""
+    from evals.runner import measure_matmul_peak
+
+    peak = measure_matmul_peak(args.device, size=args.size)
+    if args.json:
+        _print_json({"device": args.device, "size": args.size, "flops_per_s": peak})
+    else:
+        print(f"{args.device} matmul {args.size}x{args.size}: {peak / 1e9:.1f} GFLOP/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mor-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare Mixture-of-Recursions, vanilla and recursive Transformers at "
+                    "matched compute: train a suite, measure, report.",
+        epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=func.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("models", cmd_models, "table of presets x families: params, FLOPs/token")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the "
+                   "attention FLOPs (capped at each preset's max_seq_len; default 2048)")
+    p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4],
+                   help="N_r values to list for recursive and MoR models (default 2 3 4)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("suites", cmd_suites, "list the built-in suites")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("run", cmd_run, "train a suite and write records + report")
+    p.add_argument("suite", help="a built-in suite name (see `mor-bench suites`) or a TOML "
+                   "file")
+    p.add_argument("--out", default="runs", help="parent directory of run directories "
+                   "(default: runs/)")
+    p.add_argument("--corpus", help="override the suite's corpus: 'synthetic', a .txt/.jsonl/"
+                   ".jsonl.gz file, a directory, a glob, or hf:DATASET[:CONFIG][@SPLIT]")
+    p.add_argument("--cache-dir", help="tokenizer/data cache (default: $MOR_BENCH_CACHE or "
+                   "~/.cache/mor-bench)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (params, FLOPs, "
+                   "tokens, steps per model) and exit without training")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout (logs go to "
+                   "stderr)")
+
+    p = add("report", cmd_report, "render the comparison table of a run directory")
+    p.add_argument("run_dir", help="a directory written by `mor-bench run`")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("peak-flops", cmd_peak_flops, "measure the matmul peak used for MFU")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", type=int, default=1024, help="matrix size (default 1024)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MorBenchError as e:
+        print(f"mor-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mor-bench: interrupted; finished runs keep their records", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Run a suite: prepare data once, train every planned run in its own process, write one
+record per run, then render the comparison report.
+
+Layout of a suite run directory (never reused; the id holds a timestamp and random bits):
+
+    RUN_DIR/suite.toml          the suite text, verbatim
+    RUN_DIR/plan.json           every planned run (what --dry-run prints)
+    RUN_DIR/data/               packed train/val windows (.npy) and the tokenizer spec
+    RUN_DIR/<run_id>/record.json, model.safetensors, config.json   one per run
+    RUN_DIR/report.md, report.csv
+
+One process per run makes the CPU peak-memory figure that run's own, and a crash in one run
+leaves the others' records intact (the failed run gets a record with status "failed").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import secrets
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evals.records import SCHEMA, write_json_atomic
+from evals.suite import RunSpec, Suite, plan_runs, plan_table
+
+DEFAULT_CACHE = Path(os.environ.get("MOR_BENCH_CACHE", Path.home() / ".cache" / "mor-bench"))
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def make_run_dir(out_root: Path, suite_name: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out_root.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = out_root / f"{suite_name}-{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()  # exist_ok=False: a run id never collides
+            return path
+        except FileExistsError:
+            continue
+
+
+def measure_matmul_peak(device: str = "cpu", size: int = 1024, repeats: int = 7) -> float:
+    """Median FLOP/s of a square fp32 matmul (bf16 on CUDA): the denominator of MFU."""
+    import torch
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cuda":
+        size = max(size, 8192)
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # untimed warm-up
+            times.append((time.perf_counter() - t0) / 4)
+    times.sort()
+    return 2 * size**3 / times[len(times) // 2]
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def prepare_suite_data(suite: Suite, run_dir: Path, corpus: str | None,
+                       cache_dir: Path) -> dict[str, Any]:
+    """Load, split, tokenize and pack once; save arrays the run processes memory-map."""
+    from evals.data import DataSpec, prepare_data
+    from evals.tokenizer import tokenizer_to_spec
+
+    d = suite.data
+    spec = DataSpec(corpus=corpus or d.corpus, tokenizer=d.tokenizer, seq_len=d.seq_len,
+                    val_fraction=d.val_fraction, synthetic_docs=d.synthetic_docs,
+                    max_docs=d.max_docs, seed=0)
+    prepared = prepare_data(spec, cache_dir)
+    data_dir = run_dir / "data"
+    data_dir.mkdir()
+    val = prepared.val.windows[: d.val_windows]
+    np.save(data_dir / "train.npy", prepared.train.windows.numpy().astype(np.int32))
+    np.save(data_dir / "val.npy", val.numpy().astype(np.int32))
+    if prepared.val.classes is not None:
+        np.save(data_dir / "val_classes.npy", prepared.val.classes[: d.val_windows].numpy())
+    bytes_per_token = prepared.val.n_bytes / max(1, prepared.val.n_tokens)
+    meta = {
+        "corpus": spec.corpus, "tokenizer": prepared.tokenizer.name,
+        "vocab_size": prepared.tokenizer.vocab_size, "seq_len": spec.seq_len,
+        "fingerprint": prepared.fingerprint, "n_train_docs": prepared.n_train_docs,
+        "n_val_docs": prepared.n_val_docs, "train_windows": int(prepared.train.windows.shape[0]),
+        "train_tokens": int(prepared.train.windows.shape[0] * spec.seq_len),
+        "val_windows": int(val.shape[0]), "val_bytes_per_token": bytes_per_token,
+    }
+    write_json_atomic(data_dir / "data.json", meta)
+    write_json_atomic(data_dir / "tokenizer.json", tokenizer_to_spec(prepared.tokenizer))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# one run, in its own process
+
+
+def _progress(total: int, label: str):
+    """A step callback: a rich bar on a terminal, a plain line every ~10% otherwise."""
+    if sys.stderr.isatty():
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        task = progress.add_task(label, total=total, loss=float("nan"))
+        progress.start()
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            progress.update(task, completed=step + 1, loss=loss)
+            if step + 1 == total:
+                progress.stop()
+        return on_step
+
+    every = max(1, total // 10)
+    t0 = time.perf_counter()
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        if (step + 1) % every == 0 or step + 1 == total:
+            print(f"  {label}: step {step + 1}/{total} loss {loss:.4f} lr {lr:.2e} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return on_step
+
+
+def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
+                train_cfg: dict[str, Any], peak_flops: float | None) -> dict[str, Any]:
+    """Train one model and write its checkpoint and record. Runs in a child process."""
+    import torch
+
+    from evals.data import iterate_batches
+    from evals.provenance import provenance
+    from evals.train import TrainConfig, evaluate_nll, resolve_device, train
+    from mor import build_model, save_checkpoint
+
+    started = _utc_now()
+    tcfg = TrainConfig(**train_cfg)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    device = resolve_device(tcfg.device)
+    torch.manual_seed(spec.seed)
+    data_dir = run_dir / "data"
+    data_meta = json.loads((data_dir / "data.json").read_text())
+    train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int64))
+    val_windows = torch.from_numpy(np.load(data_dir / "val.npy").astype(np.int64))
+    model = build_model(spec.config)
+    batches = iterate_batches(train_windows, tcfg.batch_size, seed=spec.seed)
+    result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
+                   device=device, on_step=_progress(spec.plan.steps, spec.run_id))
+    val = evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size, device=device)
+    out_dir = run_dir / spec.run_id
+    tokenizer_spec = json.loads((data_dir / "tokenizer.json").read_text())
+    save_checkpoint(model, out_dir, extra={"tokenizer": tokenizer_spec, "run_id": spec.run_id})
+
+    # Training compute actually done: 3x the exact forward FLOPs (backward = 2x forward).
+    train_flops_exact = 3 * spec.plan.flops_per_token_exact * result.tokens
+    achieved = train_flops_exact / result.train_time_s
+    metrics = {
+        "val_nll": val["val_nll"],
+        "val_bpb": val["val_nll"] / np.log(2) / data_meta["val_bytes_per_token"],
+        "val_tokens": val["val_tokens"],
+        "final_train_loss": result.final_train_loss,
+        "train_time_s": result.train_time_s, "tokens_per_s": result.tokens_per_s,
+        "peak_mem_bytes": result.peak_mem_bytes, "peak_mem_kind": result.peak_mem_kind,
+        "steps": result.steps, "tokens": result.tokens,
+        "flops_used": spec.plan.flops_used, "train_flops_exact": train_flops_exact,
+        "achieved_flops_per_s": achieved,
+        "mfu": achieved / peak_flops if peak_flops else None,
+        "routing": result.routing,
+        "val_routing": {k.removeprefix("val_"): v for k, v in val.items()
+                        if k not in ("val_nll", "val_tokens")},
+    }
+    from mor import flops
+
+    record = {
+        "schema": SCHEMA, "status": "ok", **spec.to_dict(),
+        "family": spec.config.family,
+        "params": flops.param_counts(spec.config),
+        "layer_plan": spec.config.layer_plan,
+        "eval_routing": spec.config.eval_routing if spec.config.family == "mor" else None,
+        "suite": suite_info, "data": data_meta, "train": dataclasses.asdict(tcfg),
+        "metrics": metrics, "loss_curve": result.loss_curve,
+        "peak_flops_per_s": peak_flops, "device": str(device),
+        "checkpoint": str(out_dir), "started_at": started, "finished_at": _utc_now(),
+        "provenance": provenance(),
+    }
+    write_json_atomic(out_dir / "record.json", record)
+    return record
+
+
+def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
+                peak_flops: float | None) -> None:
+    run_dir_p = Path(run_dir)
+    try:
+        execute_run(spec, suite_info, run_dir_p, train_cfg, peak_flops)
+    except BaseException as e:  # record the failure, keep the other runs going
+        out_dir = run_dir_p / spec.run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "error.txt").write_text(traceback.format_exc())
+        write_json_atomic(out_dir / "record.json", {
+            "schema": SCHEMA, "status": "failed", **spec.to_dict(),
+            "family": spec.config.family, "suite": suite_info,
+            "error": f"{type(e).__name__}: {e}", "finished_at": _utc_now(), "metrics": {},
+        })
+        print(f"run {spec.run_id} failed: {type(e).__name__}: {e} (see {out_dir}/error.txt)",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# the suite
+
+
+def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
+              cache_dir: Path = DEFAULT_CACHE, log=print) -> tuple[Path, list[dict], list[str]]:
+    """Train every planned run; returns the run directory, the records written (failed
+    runs included, with status "failed") and the ids of the runs that failed."""
+    runs = plan_runs(suite)  # validates everything before any data or compute
+    run_dir = make_run_dir(out_root, suite.name)
+    (run_dir / "suite.toml").write_text(suite.text)
+    log(f"suite {suite.name}: {len(runs)} runs -> {run_dir}")
+    t_data = time.perf_counter()
+    data_meta = prepare_suite_data(suite, run_dir, corpus, cache_dir)
+    log(f"data: {data_meta['corpus']} / {data_meta['tokenizer']}: "
+        f"{data_meta['train_tokens']:,} train tokens, {data_meta['val_windows']} val windows "
+        f"({time.perf_counter() - t_data:.1f}s)")
+    if data_meta["vocab_size"] != runs[0].config.vocab_size:
+        runs = [dataclasses.replace(r, config=r.config.replace(
+            vocab_size=data_meta["vocab_size"])) for r in runs]
+    write_json_atomic(run_dir / "plan.json", plan_table(runs))
+    train_cfg = dataclasses.asdict(suite.train)
+    peak = measure_matmul_peak("cuda" if _cuda_wanted(suite.train.device) else "cpu")
+    log(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (MFU denominator)")
+    suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
+                  "run_dir": str(run_dir)}
+    ctx = mp.get_context("spawn")
+    records, failed = [], []
+    t0 = time.perf_counter()
+    for i, spec in enumerate(runs, 1):
+        log(f"[{i}/{len(runs)}] {spec.run_id}: {spec.config.family} "
+            f"{spec.config.layer_plan}, {spec.plan.steps} steps x "
+            f"{spec.plan.tokens_per_step} tokens")
+        proc = ctx.Process(target=_child_main, name=f"mor-bench-{spec.run_id}",
+                           args=(spec, suite_info, str(run_dir), train_cfg, peak))
+        proc.start()
+        proc.join()
+        rec_file = run_dir / spec.run_id / "record.json"
+        if proc.exitcode != 0 or not rec_file.is_file():
+            failed.append(spec.run_id)
+            if not rec_file.is_file():  # killed before it could write its failure record
+                write_json_atomic(rec_file, {
+                    "schema": SCHEMA, "status": "failed", **spec.to_dict(),
+                    "family": spec.config.family, "suite": suite_info, "metrics": {},
+                    "error": f"process exited with code {proc.exitcode}",
+                    "finished_at": _utc_now()})
+        records.append(json.loads(rec_file.read_text()))
+    log(f"suite {suite.name}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
+        f"{time.perf_counter() - t0:.0f}s")
+    return run_dir, records, failed
+
+
+def _cuda_wanted(device: str) -> bool:
+    import torch
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def dry_run(suite: Suite) -> list[dict[str, Any]]:
+    return plan_table(plan_runs(suite))

@@ -1,0 +1,260 @@
+"""Suite files: which models to compare, on what data, under which compute budget.
+
+A suite is a TOML file; the built-ins ship in `evals/suites/` and are addressed by name
+(`mor-bench run smoke`). Everything is validated here -- every model config is built and
+every training length planned -- before any data is touched or any step is trained.
+
+    name = "smoke"
+    seeds = [0]
+    [data]     corpus, tokenizer, seq_len, val_fraction, synthetic_docs, max_docs, val_windows
+    [budget]   flops = [2e13]   (forward FLOPs, paper convention)   or   tokens = [1e6]
+    [train]    any `evals.train.TrainConfig` field
+    [defaults] model config fields (and `preset`) applied to every model
+    [[models]] name = "...", then `preset` and any `mor.ModelConfig` field; an optional
+               `budget = {tokens = ...}` replaces the suite budget for that model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from evals.budget import Budget, TrainPlan, plan_training
+from evals.train import TrainConfig
+from mor.config import ModelConfig
+from mor.errors import ConfigError
+
+_TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models"}
+_DATA_KEYS = {"corpus", "tokenizer", "seq_len", "val_fraction", "synthetic_docs", "max_docs",
+              "val_windows"}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    corpus: str = "synthetic"
+    """"synthetic", a local .txt/.jsonl/.jsonl.gz file, directory or glob, or hf:DATASET."""
+    tokenizer: str = "bytes"
+    """"bytes", "bpe:VOCAB" (trained on the training split) or "hf:NAME_OR_PATH"."""
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    synthetic_docs: int = 4000
+    max_docs: int | None = None
+    val_windows: int = 64
+    """Held-out windows of seq_len tokens used for validation NLL (the paper: 500 x 2048)."""
+
+    def planned_vocab(self) -> int | None:
+        """Vocabulary size knowable without loading data (None for HF tokenizers)."""
+        if self.tokenizer == "bytes":
+            return 257
+        if self.tokenizer.startswith("bpe:") and self.tokenizer[4:].isdigit():
+            return int(self.tokenizer[4:])
+        return None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config: ModelConfig
+    budgets: tuple[Budget, ...]
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    source: str           # file path, or "builtin:NAME"
+    text: str             # the TOML text, kept verbatim for provenance
+    seeds: tuple[int, ...]
+    data: DataSettings
+    train: TrainConfig
+    models: tuple[ModelEntry, ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a model at one budget with one seed."""
+
+    run_id: str
+    model_name: str
+    config: ModelConfig
+    budget: Budget
+    seed: int
+    plan: TrainPlan
+    warmup_steps: int
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "model_name": self.model_name, "preset": self.preset,
+            "config": self.config.to_dict(),
+            "budget": {"kind": self.budget.kind, "value": self.budget.value},
+            "seed": self.seed, "plan": self.plan.to_dict(), "warmup_steps": self.warmup_steps,
+        }
+
+
+def builtin_suites() -> dict[str, str]:
+    """Built-in suite name -> TOML text."""
+    root = resources.files("evals") / "suites"
+    return {p.name.removesuffix(".toml"): p.read_text() for p in root.iterdir()
+            if p.name.endswith(".toml")}
+
+
+def load_suite(name_or_path: str) -> Suite:
+    builtins = builtin_suites()
+    if name_or_path in builtins:
+        return parse_suite(builtins[name_or_path], f"builtin:{name_or_path}")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"suite '{name_or_path}' is neither a built-in suite "
+                          f"({', '.join(sorted(builtins))}) nor an existing TOML file")
+    return parse_suite(path.read_text(), str(path))
+
+
+def _check_keys(where: str, table: dict, allowed: set[str], source: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in "
+                          f"{where}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
+    if not isinstance(table, dict) or len(table) != 1 or next(iter(table)) not in ("flops",
+                                                                                   "tokens"):
+        raise ConfigError(f"{source}: {where} needs exactly one key, 'flops' or 'tokens' "
+                          "(a number or a list of numbers)")
+    kind, values = next(iter(table.items()))
+    values = values if isinstance(values, list) else [values]
+    if not values:
+        raise ConfigError(f"{source}: {where}.{kind} is empty")
+    try:
+        if kind == "flops":
+            return tuple(Budget(flops=float(v)) for v in values)
+        return tuple(Budget(tokens=int(v)) for v in values)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{source}: {where}: {e}") from None
+        raise ConfigError(f"{source}: {where}.{kind} must hold numbers, got {values!r}") from None
+
+
+def parse_suite(text: str, source: str) -> Suite:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e}); fix the file's syntax") from None
+    _check_keys("the top level", raw, _TOP_KEYS, source)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: missing 'name' (a string naming the suite)")
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers")
+
+    data_raw = raw.get("data", {})
+    _check_keys("[data]", data_raw, _DATA_KEYS, source)
+    data = DataSettings(**data_raw)
+    if not isinstance(data.seq_len, int) or data.seq_len < 2:
+        raise ConfigError(f"{source}: [data] seq_len must be an integer >= 2")
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"{source}: [data] val_fraction must be in (0, 1)")
+    if not isinstance(data.val_windows, int) or data.val_windows < 1:
+        raise ConfigError(f"{source}: [data] val_windows must be a positive integer")
+
+    train_raw = raw.get("train", {})
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    _check_keys("[train]", train_raw, train_fields, source)
+    try:
+        train = TrainConfig(**train_raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: [train] {e}") from None
+
+    if "budget" not in raw:
+        raise ConfigError(f"{source}: missing [budget] (flops = [...] or tokens = [...])")
+    suite_budgets = _budgets(raw["budget"], "[budget]", source)
+
+    defaults = dict(raw.get("defaults", {}))
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError(f"{source}: no [[models]] entries; add at least one model")
+    models: list[ModelEntry] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(models_raw):
+        where = f"[[models]] #{i + 1}"
+        entry = {**defaults, **entry}
+        mname = entry.pop("name", None)
+        if not isinstance(mname, str) or not mname or "/" in mname:
+            raise ConfigError(f"{source}: {where} needs a 'name' (a string without '/')")
+        if mname in seen:
+            raise ConfigError(f"{source}: model name {mname!r} appears twice; names must be "
+                              "unique")
+        seen.add(mname)
+        where = f"model {mname!r}"
+        budgets = (_budgets(entry.pop("budget"), f"{where} budget", source)
+                   if "budget" in entry else suite_budgets)
+        preset = entry.pop("preset", None)
+        if "vocab_size" not in entry and data.planned_vocab() is not None:
+            entry["vocab_size"] = data.planned_vocab()
+        try:
+            cfg = (ModelConfig.from_preset(preset, **entry) if preset
+                   else ModelConfig.from_dict(entry))
+            if data.seq_len > cfg.max_seq_len and "max_seq_len" not in entry:
+                cfg = cfg.replace(max_seq_len=data.seq_len)  # RoPE tables must cover it
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {where}: {e}") from None
+        models.append(ModelEntry(mname, cfg, budgets, preset))
+    return Suite(name=name, description=str(raw.get("description", "")), source=source,
+                 text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models))
+
+
+def plan_runs(suite: Suite) -> list[RunSpec]:
+    """Every (model, budget, seed) run with its planned length; raises before any compute
+    if a budget cannot fund a single step."""
+    runs: list[RunSpec] = []
+    t = suite.train
+    for m in suite.models:
+        try:
+            plans = [plan_training(m.config, b, suite.data.seq_len, t.batch_size, t.grad_accum)
+                     for b in m.budgets]
+        except ConfigError as e:
+            raise ConfigError(f"{suite.source}: model {m.name!r}: {e}") from None
+        # The paper warms up over 5% of the smallest budget's steps, for every budget.
+        warmup = max(1, round(t.warmup_frac * min(p.steps for p in plans)))
+        for b, p in zip(m.budgets, plans):
+            for seed in suite.seeds:
+                run_id = f"{m.name}-{b.tag}-s{seed}"
+                runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
+                                    min(warmup, p.steps), m.preset))
+    return runs
+
+
+def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:
+    """The dry-run view of a plan: one row per run, JSON-serialisable."""
+    from mor import flops
+
+    rows = []
+    for r in runs:
+        counts = flops.param_counts(r.config)
+        rows.append({
+            "run_id": r.run_id, "model": r.model_name, "family": r.config.family,
+            "num_recursions": r.config.num_recursions, "sharing": (
+                r.config.sharing if r.config.family != "vanilla" else None),
+            "layers": r.config.layer_plan, "unrolled_depth": r.config.unrolled_depth,
+            "params_unique": counts["unique"], "params_non_embedding": counts["non_embedding"],
+            "flops_per_token_paper": r.plan.flops_per_token,
+            "budget_kind": r.budget.kind, "budget": r.budget.value,
+            "tokens": r.plan.tokens, "steps": r.plan.steps,
+            "batch_tokens": r.plan.tokens_per_step, "flops_used": r.plan.flops_used,
+            "warmup_steps": r.warmup_steps, "seed": r.seed,
+        })
+    return rows
+

@@ -1,0 +1,267 @@
+"""`ModelConfig`: what a model IS (shape, family, recursion scheme), validated up front.
+
+How long a model is trained lives elsewhere (`evals/budget.py`, suite files): a config
+says nothing about tokens or steps. Presets are the paper's backbones (MOR_SPEC section
+1; arXiv 2507.10524 Table 6) plus small shapes that train on a CPU.
+
+    cfg = ModelConfig.from_preset("360m", family="mor", num_recursions=3)
+    cfg.layer_plan      # "1+10+1": one unique first layer, 10 shared layers x 3, one last
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mor.errors import ConfigError
+
+FAMILIES = ("vanilla", "recursive", "mor")
+SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTERS = ("expert",)
+EVAL_ROUTING = ("topk", "causal")
+MAX_RECURSIONS = 4  # the paper's range (N_r in 1..4); more is untested territory
+
+# Backbone shapes. Paper presets: MOR_SPEC section 1 (head_dim 64 everywhere, vocab of the
+# SmolLM tokenizer). CPU presets keep the same architecture at sizes that train on 2 cores;
+# their vocab is the byte tokenizer's (256 bytes + EOS) and is replaced by the suite's
+# tokenizer when it differs.
+PRESETS: dict[str, dict[str, int]] = {
+    "micro": dict(n_layers=6, d_model=64, n_heads=4, n_kv_heads=2, d_ff=176, vocab_size=257,
+                  max_seq_len=256),
+    "tiny": dict(n_layers=8, d_model=128, n_heads=4, n_kv_heads=2, d_ff=352, vocab_size=257,
+                 max_seq_len=512),
+    "small": dict(n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, d_ff=688, vocab_size=8192,
+                  max_seq_len=1024),
+    "135m": dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
+                 vocab_size=49152, max_seq_len=2048),
+    "360m": dict(n_layers=32, d_model=960, n_heads=15, n_kv_heads=5, d_ff=2560,
+                 vocab_size=49152, max_seq_len=2048),
+    "730m": dict(n_layers=26, d_model=1536, n_heads=24, n_kv_heads=8, d_ff=4096,
+                 vocab_size=49152, max_seq_len=2048),
+    "1.7b": dict(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32, d_ff=8192,
+                 vocab_size=49152, max_seq_len=2048),
+}
+PAPER_PRESETS = ("135m", "360m", "730m", "1.7b")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only model of one of three families sharing one Llama-style backbone."""
+
+    # --- backbone -------------------------------------------------------------------
+    vocab_size: int = 257
+    """Rows of the (tied) embedding / output matrix."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_layers: int = 8
+    """Depth L of the *vanilla* model this config is derived from; recursive and MoR
+    models re-arrange it into unique + shared layers (see `layer_plan`)."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    d_ff: int = 352
+    """Hidden width of the SwiGLU MLP."""
+    head_dim: int | None = None
+    """Width of one attention head; defaults to d_model // n_heads."""
+    max_seq_len: int = 512
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (Llama default)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal init of every weight matrix (norm weights start at 1)."""
+    tie_embeddings: bool = True
+    """Output head reuses the input embedding (the paper's models all do)."""
+
+    # --- family and recursion -------------------------------------------------------------
+    family: str = "vanilla"
+    """"vanilla" (L unique layers), "recursive" (shared layers applied N_r times) or
+    "mor" (Mixture-of-Recursions: routers choose which tokens take each recursion)."""
+    num_recursions: int = 1
+    """N_r, how often the shared block is applied (1 for vanilla)."""
+    sharing: str = "middle_cycle"
+    """Parameter-sharing strategy: cycle | sequence | middle_cycle | middle_sequence
+    (MOR_SPEC section 2). MoR uses middle_cycle, as every MoR row of the paper."""
+
+    # --- MoR routing ------------------------------------------------------------------------
+    router: str = "expert"
+    """Routing family; expert-choice (per-step top-k over the sequence)."""
+    capacities: tuple[float, ...] | None = None
+    """Fraction of the sequence each recursion step keeps; default (N_r - r + 1) / N_r."""
+    router_alpha: float = 0.1
+    """Gate scale: g = alpha * sigmoid(router logit)."""
+    aux_loss_coef: float = 0.001
+    """Weight of the auxiliary BCE loss that teaches each router its top-k membership."""
+    eval_routing: str = "topk"
+    """How MoR routes at evaluation: "topk" over the whole sequence (the paper's numbers;
+    NOT causal: later tokens influence earlier tokens' depth) or "causal" (a token goes on
+    iff sigmoid(logit) > 0.5, the target the auxiliary loss trains)."""
+
+    # --- derived (filled in __post_init__) ---------------------------------------------------
+    num_unique_first: int = field(init=False)
+    num_shared: int = field(init=False)
+    num_unique_last: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        hd = self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+        object.__setattr__(self, "head_dim", hd)
+        if self.capacities is not None:
+            object.__setattr__(self, "capacities", tuple(float(c) for c in self.capacities))
+        middle = self.family == "mor" or (
+            self.family == "recursive" and self.sharing.startswith("middle_"))
+        edge = 1 if middle else 0
+        if self.family == "vanilla":
+            first, shared, last = 0, self.n_layers, 0
+        else:
+            # The paper's rule: B = ceil((L - 2) / N_r) shared layers; when L - 2 is not a
+            # multiple of N_r layers are ADDED (360M at N_r=4 becomes 1+8+1 = 34 layers).
+            first, last = edge, edge
+            shared = math.ceil((self.n_layers - 2 * edge) / self.num_recursions)
+        object.__setattr__(self, "num_unique_first", first)
+        object.__setattr__(self, "num_shared", shared)
+        object.__setattr__(self, "num_unique_last", last)
+
+    def _validate(self) -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"model config field '{name}': {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, f"must be a positive integer, got {value!r}")
+        if self.family not in FAMILIES:
+            fail("family", f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.sharing not in SHARING:
+            fail("sharing", f"unknown strategy {self.sharing!r}; choose one of "
+                 f"{', '.join(SHARING)}")
+        if self.n_heads % self.n_kv_heads:
+            fail("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        hd = self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+        if self.head_dim is None and self.d_model % self.n_heads:
+            fail("n_heads", f"{self.n_heads} does not divide d_model={self.d_model}; "
+                 "set head_dim explicitly")
+        if hd % 2:
+            fail("head_dim", f"RoPE needs an even head_dim, got {hd}")
+        if not 0 < self.init_std < 1:
+            fail("init_std", f"must be in (0, 1), got {self.init_std}")
+        if not self.tie_embeddings:
+            fail("tie_embeddings", "only tied embeddings are supported (as in the paper)")
+        nr = self.num_recursions
+        if not isinstance(nr, int) or not 1 <= nr <= MAX_RECURSIONS:
+            fail("num_recursions", f"must be an integer in 1..{MAX_RECURSIONS}, got {nr!r}")
+        if self.family == "vanilla" and nr != 1:
+            fail("num_recursions", "a vanilla model has no recursions; use family='recursive' "
+                 "or 'mor', or num_recursions=1")
+        if self.family == "mor" and self.sharing != "middle_cycle":
+            fail("sharing", f"MoR is defined with middle_cycle sharing (got {self.sharing!r}); "
+                 "drop the override")
+        if self.family == "mor" and self.router not in ROUTERS:
+            fail("router", f"unsupported router {self.router!r}; available: {', '.join(ROUTERS)}")
+        if self.eval_routing not in EVAL_ROUTING:
+            fail("eval_routing", f"must be one of {', '.join(EVAL_ROUTING)}, got "
+                 f"{self.eval_routing!r}")
+        if self.family != "vanilla":
+            middle = self.family == "mor" or self.sharing.startswith("middle_")
+            avail = self.n_layers - (2 if middle else 0)
+            if avail < nr:
+                what = "n_layers - 2" if middle else "n_layers"
+                fail("num_recursions", f"N_r={nr} does not fit n_layers={self.n_layers} with "
+                     f"{self.sharing}: need {what} >= num_recursions; lower num_recursions "
+                     "or add layers")
+        if self.capacities is not None:
+            if self.family != "mor":
+                fail("capacities", "only MoR models route tokens; drop this field")
+            caps = tuple(self.capacities)
+            if len(caps) != nr:
+                fail("capacities", f"needs one value per recursion step ({nr}), got {len(caps)}")
+            if any(not 0 < c <= 1 for c in caps):
+                fail("capacities", f"each capacity must be in (0, 1], got {list(caps)}")
+            if any(b > a for a, b in zip(caps, caps[1:])):
+                fail("capacities", f"must be non-increasing (hierarchical filtering), got "
+                     f"{list(caps)}")
+        if not 0 < self.router_alpha <= 10:
+            fail("router_alpha", f"must be in (0, 10], got {self.router_alpha}")
+        if self.aux_loss_coef < 0:
+            fail("aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+
+    # --- derived views ---------------------------------------------------------------------
+    @property
+    def step_capacities(self) -> tuple[float, ...]:
+        """Capacity of each recursion step (MoR); 1.0 everywhere for other families."""
+        nr = self.num_recursions
+        if self.family != "mor":
+            return (1.0,) * nr
+        if self.capacities is not None:
+            return self.capacities
+        return tuple((nr - r + 1) / nr for r in range(1, nr + 1))
+
+    @property
+    def num_unique_layers(self) -> int:
+        return self.num_unique_first + self.num_shared + self.num_unique_last
+
+    @property
+    def unrolled_depth(self) -> int:
+        """Layers a token that takes every recursion passes through."""
+        return self.num_unique_first + self.num_shared * self.num_recursions + self.num_unique_last
+
+    @property
+    def layer_plan(self) -> str:
+        """The paper's notation: "32" for vanilla, "1+10+1" for Middle-Cycle."""
+        if self.family == "vanilla":
+            return str(self.n_layers)
+        if self.num_unique_first:
+            return f"{self.num_unique_first}+{self.num_shared}+{self.num_unique_last}"
+        return f"{self.num_shared}x{self.num_recursions}"
+
+    def schedule(self) -> list[int]:
+        """Indices into the unique layers, in the order a token that takes every
+        recursion visits them (the unrolled stack)."""
+        f, b, nr = self.num_unique_first, self.num_shared, self.num_recursions
+        shared = list(range(f, f + b))
+        if self.family == "vanilla":
+            middle = shared
+        elif self.sharing in ("sequence", "middle_sequence") and self.family == "recursive":
+            middle = [i for i in shared for _ in range(nr)]
+        else:
+            middle = shared * nr
+        return list(range(f)) + middle + list(range(f + b, f + b + self.num_unique_last))
+
+    # --- construction / serialisation ----------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        key = name.lower()
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; available presets: "
+                              f"{', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[key], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {', '.join(map(repr, unknown))}; "
+                              f"valid fields: {', '.join(sorted(names))}")
+        data = dict(data)
+        if isinstance(data.get("capacities"), list):
+            data["capacities"] = tuple(data["capacities"])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if out["capacities"] is not None:
+            out["capacities"] = list(out["capacities"])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
