@@ -85,12 +85,14 @@ def plan_training(cfg: ModelConfig, budget: Budget, seq_len: int, batch_size: in
 def wsd_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int,
            decay_frac: float = 0.2) -> float:
     """Warmup-stable-decay (MOR_SPEC section 5): linear warmup over `warmup_steps`, constant
-    peak, then linear decay to 0 over the last `decay_frac` of the steps. `step` counts
-    from 0; the value is the LR used for that optimizer step."""
+    peak, then linear decay towards 0 over the last `decay_frac` of the steps. `step` counts
+    from 0; the value is the LR used for that optimizer step. With d decay steps the decay
+    runs peak*d/(d+1) ... peak/(d+1): every decay step is below the peak (even when d = 1)
+    and none is wasted at LR 0."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     decay_steps = max(1, round(decay_frac * total_steps)) if decay_frac > 0 else 0
     decay_start = total_steps - decay_steps
     if step < decay_start or decay_steps == 0:
         return peak_lr
-    return peak_lr * (total_steps - step) / decay_steps
+    return peak_lr * (total_steps - step) / (decay_steps + 1)

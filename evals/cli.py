@@ -5,6 +5,7 @@
     mor-bench run SUITE [--dry-run] [--json]      train a suite, write records and a report
     mor-bench report RUN_DIR [--json]             re-render the comparison table
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
+    mor-bench bench-train --preset small          training tokens/s and MFU of one preset
 
 Bad input (unknown preset, impossible model, missing corpus, malformed suite) is reported
 as one line on stderr with exit code 2, before any training starts.
@@ -147,8 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                      "table": json.loads(report["table"].to_json(orient="records"))})
     else:
         shown = format_table(report["table"]).to_dict(orient="records")
-        cols = ["model", "layers", "tokens", "val_nll", "rel_val_nll", "train_time_s",
-                "tokens_per_s", "rel_tokens_per_s", "peak_mem_mb", "mfu"]
+        cols = ["model", "layers", "tokens", "val_nll", "val_nll_causal", "rel_val_nll",
+                "train_time_s", "tokens_per_s", "rel_tokens_per_s", "peak_mem_mb", "mfu"]
         _rich_table(f"suite {suite.name}", shown, cols)
         print(f"report: {report['markdown']}")
     if failed:
@@ -181,6 +182,25 @@ def cmd_peak_flops(args: argparse.Namespace) -> int:
         _print_json({"device": args.device, "size": args.size, "flops_per_s": peak})
     else:
         print(f"{args.device} matmul {args.size}x{args.size}: {peak / 1e9:.1f} GFLOP/s")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Training throughput and MFU of one preset on random tokens (no data needed): untimed
+    warm-up, median step time, MFU against a matmul peak measured in the same process."""
+    from evals.bench import bench_train
+
+    res = bench_train(args.preset, args.family, args.num_recursions, seq_len=args.seq_len,
+                      batch_size=args.batch_size, steps=args.steps, device=args.device)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"{res['preset']} {res['family']} ({res['layers']}), seq {res['seq_len']} x "
+              f"batch {res['batch_size']} on {res['device']} ({res['threads']} threads):\n"
+              f"  {res['tokens_per_s']:,.0f} tokens/s, median step {res['median_step_s']:.3f}s"
+              f"\n  {res['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved (3 x exact "
+              f"forward) vs {res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak "
+              f"-> MFU {100 * res['mfu']:.1f}%")
     return 0
 
 
@@ -229,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("peak-flops", cmd_peak_flops, "measure the matmul peak used for MFU")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", type=int, default=1024, help="matrix size (default 1024)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("bench-train", cmd_bench_train, "training tokens/s and MFU of one preset")
+    p.add_argument("--preset", default="small", help="model preset (default small)")
+    p.add_argument("--family", default="vanilla", help="vanilla | recursive | mor")
+    p.add_argument("--num-recursions", type=int, default=1, help="N_r (recursive/mor)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -434,7 +434,8 @@ def iterate_batches(
             f"need a non-empty [N, seq_len+1] tensor of windows, got shape {tuple(windows.shape)}"
         )
     for batch in _batched(_epoch_indices(windows.shape[0], seed), batch_size):
-        w = windows[torch.tensor(batch, dtype=torch.long)]
+        # Windows may be stored compactly (uint16/int32); models take int64 ids.
+        w = windows[torch.tensor(batch, dtype=torch.long)].long()
         yield w[:, :-1], w[:, 1:]
 
 

@@ -47,9 +47,10 @@ def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
             rec = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise MorBenchError(f"'{f}' is not valid JSON ({e}); delete or re-run it") from None
-        if rec.get("schema") != SCHEMA:
+        schema = rec.get("schema") if isinstance(rec, dict) else None
+        if schema != SCHEMA:
             raise MorBenchError(f"'{f}' is not a mor-bench run record (schema "
-                                f"{rec.get('schema')!r}, expected {SCHEMA!r})")
+                                f"{schema!r}, expected {SCHEMA!r})")
         records.append(rec)
     if not records:
         raise MorBenchError(f"no {RECORD} files under '{run_dir}'; is this a mor-bench run "

@@ -121,10 +121,41 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def _check_keys(where: str, table: dict, allowed: set[str], source: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {where} must be a table, got {table!r}")
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in "
                           f"{where}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_types(where: str, table: dict, cls: type, source: str) -> None:
+    """Reject values of the wrong TOML type (lr = "fast") with a message naming the field,
+    before the dataclasses compare them with numbers and raise a bare TypeError."""
+    types = {f.name: f.type if isinstance(f.type, str) else str(f.type)
+             for f in dataclasses.fields(cls)}
+    number = (int, float)
+    for key, value in table.items():
+        base = types.get(key, "").split("|")[0].strip()
+        is_num = isinstance(value, number) and not isinstance(value, bool)
+        if base == "int":
+            ok, want = is_num and isinstance(value, int), "an integer"
+        elif base == "float":
+            ok, want = is_num, "a number"
+        elif base == "str":
+            ok, want = isinstance(value, str), "a string"
+        elif base == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        elif base.startswith("tuple["):
+            inner = [t.strip() for t in base[6:-1].split(",")]
+            size = None if "..." in inner else len(inner)
+            ok = (isinstance(value, list | tuple) and (size is None or len(value) == size)
+                  and all(isinstance(v, number) and not isinstance(v, bool) for v in value))
+            want = f"a list of {size or 'some'} numbers"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{source}: {where} field '{key}' must be {want}, got {value!r}")
 
 
 def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
@@ -162,6 +193,7 @@ def parse_suite(text: str, source: str) -> Suite:
 
     data_raw = raw.get("data", {})
     _check_keys("[data]", data_raw, _DATA_KEYS, source)
+    _check_types("[data]", data_raw, DataSettings, source)
     data = DataSettings(**data_raw)
     if not isinstance(data.seq_len, int) or data.seq_len < 2:
         raise ConfigError(f"{source}: [data] seq_len must be an integer >= 2")
@@ -173,6 +205,7 @@ def parse_suite(text: str, source: str) -> Suite:
     train_raw = raw.get("train", {})
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     _check_keys("[train]", train_raw, train_fields, source)
+    _check_types("[train]", train_raw, TrainConfig, source)
     try:
         train = TrainConfig(**train_raw)
     except ConfigError as e:
@@ -182,7 +215,9 @@ def parse_suite(text: str, source: str) -> Suite:
         raise ConfigError(f"{source}: missing [budget] (flops = [...] or tokens = [...])")
     suite_budgets = _budgets(raw["budget"], "[budget]", source)
 
-    defaults = dict(raw.get("defaults", {}))
+    defaults = raw.get("defaults", {})
+    _check_keys("[defaults]", defaults, set(defaults) if isinstance(defaults, dict) else set(),
+                source)
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError(f"{source}: no [[models]] entries; add at least one model")
@@ -190,6 +225,7 @@ def parse_suite(text: str, source: str) -> Suite:
     seen: set[str] = set()
     for i, entry in enumerate(models_raw):
         where = f"[[models]] #{i + 1}"
+        _check_keys(where, entry, set(entry) if isinstance(entry, dict) else set(), source)
         entry = {**defaults, **entry}
         mname = entry.pop("name", None)
         if not isinstance(mname, str) or not mname or "/" in mname:
@@ -204,6 +240,7 @@ def parse_suite(text: str, source: str) -> Suite:
         preset = entry.pop("preset", None)
         if "vocab_size" not in entry and data.planned_vocab() is not None:
             entry["vocab_size"] = data.planned_vocab()
+        _check_types(where, entry, ModelConfig, source)
         try:
             cfg = (ModelConfig.from_preset(preset, **entry) if preset
                    else ModelConfig.from_dict(entry))

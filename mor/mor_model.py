@@ -59,6 +59,10 @@ class MoRLM(CausalLM):
     def routing_mode(self) -> str:
         return "topk" if self.training else self.cfg.eval_routing
 
+    def set_eval_routing(self, mode: str) -> None:
+        """Switch the evaluation routing mode of a built model (validated like the config)."""
+        self.cfg = self.cfg.replace(eval_routing=mode)
+
     def _run_stack(self, h: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         t = h.shape[1]
         positions = torch.arange(t, device=h.device)

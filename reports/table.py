@@ -21,7 +21,7 @@ from evals.records import load_records
 
 COLUMNS = [
     "model", "family", "N_r", "layers", "budget", "seeds", "params_non_emb", "flops_per_token",
-    "flops_used", "tokens", "val_nll", "val_bpb", "train_time_s", "tokens_per_s",
+    "flops_used", "tokens", "val_nll", "val_nll_causal", "val_bpb", "train_time_s", "tokens_per_s",
     "peak_mem_mb", "mfu", "rel_val_nll", "rel_train_time", "rel_tokens_per_s", "rel_peak_mem",
 ]
 
@@ -42,11 +42,15 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "model": r["model_name"], "family": r["family"],
             "N_r": r["config"]["num_recursions"] if r["family"] != "vanilla" else None,
             "layers": r.get("layer_plan"),
-            "budget": f"{budget['value']:.3g} {budget['kind']}", "seed": r["seed"],
+            "budget": f"{budget['value']:.3g} {budget['kind']}",
+            "budget_kind": budget["kind"], "budget_value": float(budget["value"]),
+            "seed": r["seed"],
             "params_non_emb": r.get("params", {}).get("non_embedding"),
             "flops_per_token": r["plan"]["flops_per_token"],
             "flops_used": _metric(r, "flops_used"), "tokens": _metric(r, "tokens"),
             "val_nll": _metric(r, "val_nll"), "val_bpb": _metric(r, "val_bpb"),
+            "val_nll_causal": float(r.get("metrics", {}).get("val_nll_by_routing", {})
+                                    .get("causal", math.nan)),
             "train_time_s": _metric(r, "train_time_s"),
             "tokens_per_s": _metric(r, "tokens_per_s"),
             "peak_mem_mb": _metric(r, "peak_mem_bytes") / 2**20, "mfu": _metric(r, "mfu"),
@@ -59,9 +63,10 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
     keys = ["model", "budget"]
-    static = ["family", "N_r", "layers", "params_non_emb", "flops_per_token"]
-    measured = ["flops_used", "tokens", "val_nll", "val_bpb", "train_time_s", "tokens_per_s",
-                "peak_mem_mb", "mfu"]
+    static = ["family", "N_r", "layers", "params_non_emb", "flops_per_token", "budget_kind",
+              "budget_value"]
+    measured = ["flops_used", "tokens", "val_nll", "val_nll_causal", "val_bpb",
+                "train_time_s", "tokens_per_s", "peak_mem_mb", "mfu"]
     agg = df.groupby(keys, sort=False, dropna=False).agg(
         **{c: (c, "first") for c in static}, **{c: (c, "mean") for c in measured},
         seeds=("seed", "count")).reset_index()
@@ -80,7 +85,8 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
                                          else group[src] / ref[src])
     # Vanilla first (the reference of the relative columns), then recursive, then MoR.
     agg["_family"] = agg["family"].map({"vanilla": 0, "recursive": 1, "mor": 2})
-    agg = agg.sort_values(["budget", "_family", "N_r", "model"], kind="stable",
+    agg = agg.sort_values(["budget_kind", "budget_value", "_family", "N_r", "model"],
+                          kind="stable",
                           na_position="first").drop(columns="_family")
     return agg[COLUMNS].reset_index(drop=True)
 
@@ -88,7 +94,8 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
 _FORMATS = {
     "params_non_emb": lambda v: f"{v / 1e6:.2f}M", "flops_per_token": lambda v: f"{v:.3g}",
     "flops_used": lambda v: f"{v:.3g}", "tokens": lambda v: f"{v:,.0f}",
-    "val_nll": lambda v: f"{v:.4f}", "val_bpb": lambda v: f"{v:.4f}",
+    "val_nll": lambda v: f"{v:.4f}", "val_nll_causal": lambda v: f"{v:.4f}",
+    "val_bpb": lambda v: f"{v:.4f}",
     "train_time_s": lambda v: f"{v:.1f}", "tokens_per_s": lambda v: f"{v:,.0f}",
     "peak_mem_mb": lambda v: f"{v:,.0f}", "mfu": lambda v: f"{100 * v:.1f}%",
     "rel_val_nll": lambda v: f"{v:+.4f}", "rel_train_time": lambda v: f"{v:.2f}x",
@@ -133,8 +140,10 @@ def render_report(run_dir: str | Path) -> dict[str, Any]:
         f"- hardware: {hardware_summary(hw) if hw else 'unknown'}",
         f"- code: {git.get('commit') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}",
         f"- runs: {len(ok)} ok, {len(failed)} failed",
-        "- MoR validation NLL uses top-k routing over each window (the paper's protocol; "
-        "not causal)." if any(r.get("eval_routing") == "topk" for r in ok) else "",
+        "- MoR `val_nll` uses top-k routing over each window (the paper's protocol; it is "
+        "NOT causal: later tokens decide which earlier tokens recurse). `val_nll_causal` "
+        "routes each token by its own router (sigmoid > 0.5) and is causal."
+        if any(r.get("eval_routing") == "topk" for r in ok) else "",
         "", "Relative columns compare with the vanilla model of the same budget in this run "
         "(NLL as a difference, the rest as ratios). Tokens/s and time cover optimizer steps "
         "only; peak memory is "
