@@ -362,12 +362,15 @@ def pack_documents(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSpec:
     """Everything that determines the prepared data (stored with runs for reproducibility)."""
 
     corpus: str = "synthetic"
+    """"synthetic[:N]", a local .txt/.jsonl/.jsonl.gz file, directory or glob, or
+    hf:DATASET[:CONFIG][@SPLIT]."""
     tokenizer: str = "bytes"
+    """"bytes", "bpe:VOCAB" (trained on the training split, cached) or "hf:NAME_OR_PATH"."""
     seq_len: int = 128
     val_fraction: float = 0.05
     synthetic_docs: int = 4000

@@ -83,12 +83,9 @@ def measure_matmul_peak(device: str = "cpu", size: int = 1024, repeats: int = 7)
 def load_suite_data(suite: Suite, corpus: str | None, cache_dir: Path):
     """Load, split, tokenize and pack the suite's corpus once (before any run directory
     exists, so a bad corpus leaves nothing behind)."""
-    from evals.data import DataSpec, prepare_data
+    from evals.data import prepare_data
 
-    d = suite.data
-    spec = DataSpec(corpus=corpus or d.corpus, tokenizer=d.tokenizer, seq_len=d.seq_len,
-                    val_fraction=d.val_fraction, synthetic_docs=d.synthetic_docs,
-                    max_docs=d.max_docs, seed=0)
+    spec = dataclasses.replace(suite.data, corpus=corpus) if corpus else suite.data
     return prepare_data(spec, cache_dir)
 
 

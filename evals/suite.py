@@ -25,25 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from evals.budget import Budget, TrainPlan, plan_training
+from evals.data import DataSpec
 from evals.train import TrainConfig
 from mor.config import ModelConfig
 from mor.errors import ConfigError
 
 _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models"}
-_DATA_KEYS = {"corpus", "tokenizer", "seq_len", "val_fraction", "synthetic_docs", "max_docs",
-              "val_windows"}
 
 
 @dataclass(frozen=True)
-class DataSettings:
-    corpus: str = "synthetic"
-    """"synthetic", a local .txt/.jsonl/.jsonl.gz file, directory or glob, or hf:DATASET."""
-    tokenizer: str = "bytes"
-    """"bytes", "bpe:VOCAB" (trained on the training split) or "hf:NAME_OR_PATH"."""
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    synthetic_docs: int = 4000
-    max_docs: int | None = None
+class DataSettings(DataSpec):
+    """A suite's [data] table: the data spec plus how much of validation to use."""
+
     val_windows: int = 64
     """Held-out windows of seq_len tokens used for validation NLL (the paper: 500 x 2048)."""
 
@@ -192,7 +185,8 @@ def parse_suite(text: str, source: str) -> Suite:
         raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers")
 
     data_raw = raw.get("data", {})
-    _check_keys("[data]", data_raw, _DATA_KEYS, source)
+    _check_keys("[data]", data_raw, {f.name for f in dataclasses.fields(DataSettings)},
+                source)
     _check_types("[data]", data_raw, DataSettings, source)
     data = DataSettings(**data_raw)
     if not isinstance(data.seq_len, int) or data.seq_len < 2:
