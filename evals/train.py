@@ -142,7 +142,7 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
         for x, y in micro:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                out = model(x, y)
+                out = model(x, y, step=step)  # the step drives MoR capacity warm-up
             # Dividing the whole loss (LM + router aux) by grad_accum keeps the aux weight
             # independent of the accumulation count.
             (out.loss / tcfg.grad_accum).backward()
@@ -150,6 +150,7 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step(out.stats)  # e.g. loss-free balancing's bias update
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0

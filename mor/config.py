@@ -20,8 +20,20 @@ from mor.errors import ConfigError
 
 FAMILIES = ("vanilla", "recursive", "mor")
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
-ROUTERS = ("expert",)
+ROUTERS = ("expert", "token")
+KV_MODES = ("cache", "share")
+ROUTER_ARCHS = ("linear", "mlp")
+ROUTER_FUNCS = {"expert": ("sigmoid", "tanh"), "token": ("softmax", "sigmoid")}
+EXPERT_AUX = ("loss", "router")
+BALANCING = ("loss", "loss_free")
 EVAL_ROUTING = ("topk", "causal")
+# Defaults that depend on the router (MOR_SPEC section 3).
+_ROUTER_DEFAULTS = {
+    "expert": {"router_func": "sigmoid", "router_alpha": 0.1, "router_z_coef": 0.0,
+               "eval_routing": "topk"},
+    "token": {"router_func": "softmax", "router_alpha": 1.0, "router_z_coef": 1e-5,
+              "eval_routing": "causal"},
+}
 MAX_RECURSIONS = 4  # the paper's range (N_r in 1..4); more is untested territory
 
 # Backbone shapes. Paper presets: MOR_SPEC section 1 (head_dim 64 everywhere, vocab of the
@@ -88,19 +100,47 @@ class ModelConfig:
     """Parameter-sharing strategy: cycle | sequence | middle_cycle | middle_sequence
     (MOR_SPEC section 2). MoR uses middle_cycle, as every MoR row of the paper."""
 
-    # --- MoR routing ------------------------------------------------------------------------
+    # --- MoR routing (ignored by, and rejected for, the other families) ----------------------
     router: str = "expert"
-    """Routing family; expert-choice (per-step top-k over the sequence)."""
+    """"expert": expert-choice, each recursion step keeps the top-k tokens of the sequence;
+    "token": token-choice, one router picks each token's total depth up front."""
+    kv: str = "cache"
+    """"cache": recursion-wise caching, step r attends only among the tokens routed to r;
+    "share": recursive KV sharing, steps r > 1 reuse the first recursion's keys/values of
+    the whole sequence and compute no K/V projections."""
     capacities: tuple[float, ...] | None = None
-    """Fraction of the sequence each recursion step keeps; default (N_r - r + 1) / N_r."""
-    router_alpha: float = 0.1
-    """Gate scale: g = alpha * sigmoid(router logit)."""
+    """Expert-choice: fraction of the sequence each step keeps; default (N_r - r + 1)/N_r."""
+    router_arch: str = "linear"
+    """"linear" (Linear(d, out)) or "mlp" (Linear(d, d), GELU, Linear(d, out))."""
+    router_func: str | None = None
+    """Gate function: expert-choice sigmoid | tanh (default sigmoid); token-choice
+    softmax | sigmoid (default softmax)."""
+    router_alpha: float | None = None
+    """Gate scale: g = alpha * func(logit); default 0.1 (expert), 1.0 (token)."""
     aux_loss_coef: float = 0.001
-    """Weight of the auxiliary BCE loss that teaches each router its top-k membership."""
-    eval_routing: str = "topk"
-    """How MoR routes at evaluation: "topk" over the whole sequence (the paper's numbers;
-    NOT causal: later tokens influence earlier tokens' depth) or "causal" (a token goes on
-    iff sigmoid(logit) > 0.5, the target the auxiliary loss trains)."""
+    """Expert-choice: weight of the auxiliary BCE loss teaching each router its top-k
+    membership (the "aux loss" design)."""
+    expert_aux: str = "loss"
+    """Expert-choice: "loss" (auxiliary BCE on the router itself) or "router" (a separate
+    predictor per step, trained by BCE on DETACHED hidden states; the causal rule uses it)."""
+    router_z_coef: float | None = None
+    """Router z-loss weight (mean squared log-sum-exp of the router logits); default 1e-5
+    for token-choice, 0 for expert-choice."""
+    capacity_warmup_steps: int = 0
+    """Expert-choice: capacities start at 1.0 and follow a cosine to their targets over this
+    many training steps (the step is passed to forward explicitly); 0 = off."""
+    balancing: str = "loss"
+    """Token-choice: "loss" (sum_i P_i f_i, weight balance_coef) or "loss_free" (a
+    selection-only bias updated by the training loop after each optimizer step)."""
+    balance_coef: float = 0.1
+    """Token-choice: weight of the balancing loss."""
+    bias_update_rate: float = 1e-3
+    """Token-choice loss-free balancing: u in b_i += u * sign(mean_load - load_i)."""
+    eval_routing: str | None = None
+    """How MoR routes at evaluation. Expert-choice: "topk" over the whole sequence (the
+    paper's numbers; NOT causal: later tokens influence earlier tokens' depth; default) or
+    "causal" (a token takes step r iff it took r-1 and the router -- or the aux predictor --
+    says logit > 0, the target the auxiliary BCE trains). Token-choice is always "causal"."""
 
     # --- derived (filled in __post_init__) ---------------------------------------------------
     num_unique_first: int = field(init=False)
@@ -109,6 +149,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self._validate()
+        if self.family == "mor":
+            for name, value in _ROUTER_DEFAULTS[self.router].items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         hd = self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
         object.__setattr__(self, "head_dim", hd)
         if self.capacities is not None:
@@ -162,11 +206,7 @@ class ModelConfig:
         if self.family == "mor" and self.sharing != "middle_cycle":
             fail("sharing", f"MoR is defined with middle_cycle sharing (got {self.sharing!r}); "
                  "drop the override")
-        if self.family == "mor" and self.router not in ROUTERS:
-            fail("router", f"unsupported router {self.router!r}; available: {', '.join(ROUTERS)}")
-        if self.eval_routing not in EVAL_ROUTING:
-            fail("eval_routing", f"must be one of {', '.join(EVAL_ROUTING)}, got "
-                 f"{self.eval_routing!r}")
+        self._validate_routing(fail)
         if self.family != "vanilla":
             middle = self.family == "mor" or self.sharing.startswith("middle_")
             avail = self.n_layers - (2 if middle else 0)
@@ -176,8 +216,6 @@ class ModelConfig:
                      f"{self.sharing}: need {what} >= num_recursions; lower num_recursions "
                      "or add layers")
         if self.capacities is not None:
-            if self.family != "mor":
-                fail("capacities", "only MoR models route tokens; drop this field")
             caps = tuple(self.capacities)
             if len(caps) != nr:
                 fail("capacities", f"needs one value per recursion step ({nr}), got {len(caps)}")
@@ -186,15 +224,69 @@ class ModelConfig:
             if any(b > a for a, b in zip(caps, caps[1:])):
                 fail("capacities", f"must be non-increasing (hierarchical filtering), got "
                      f"{list(caps)}")
-        if not 0 < self.router_alpha <= 10:
+
+    def _validate_routing(self, fail) -> None:
+        """Routing fields: valid values, and no combination the model cannot run."""
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+        routing = ("router", "kv", "capacities", "router_arch", "router_func", "router_alpha",
+                   "aux_loss_coef", "expert_aux", "router_z_coef", "capacity_warmup_steps",
+                   "balancing", "balance_coef", "bias_update_rate", "eval_routing")
+        if self.family != "mor":
+            for name in routing:
+                if getattr(self, name) != fields[name]:
+                    fail(name, f"only MoR models route tokens (family={self.family!r}); "
+                         "drop this field")
+            return
+        choices = {"router": ROUTERS, "kv": KV_MODES, "router_arch": ROUTER_ARCHS,
+                   "expert_aux": EXPERT_AUX, "balancing": BALANCING}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        funcs = ROUTER_FUNCS[self.router]
+        if self.router_func is not None and self.router_func not in funcs:
+            fail("router_func", f"{self.router}-choice routers score with "
+                 f"{' or '.join(funcs)}, got {self.router_func!r}"
+                 + ("; softmax needs several outputs, an expert-choice router has one"
+                    if self.router_func == "softmax" else ""))
+        if self.eval_routing is not None and self.eval_routing not in EVAL_ROUTING:
+            fail("eval_routing", f"must be one of {', '.join(EVAL_ROUTING)}, got "
+                 f"{self.eval_routing!r}")
+        if self.router_alpha is not None and not 0 < self.router_alpha <= 10:
             fail("router_alpha", f"must be in (0, 10], got {self.router_alpha}")
-        if self.aux_loss_coef < 0:
-            fail("aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        for name in ("aux_loss_coef", "balance_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.router_z_coef is not None and self.router_z_coef < 0:
+            fail("router_z_coef", f"must be >= 0, got {self.router_z_coef}")
+        if not isinstance(self.capacity_warmup_steps, int) or self.capacity_warmup_steps < 0:
+            fail("capacity_warmup_steps", f"must be an integer >= 0, got "
+                 f"{self.capacity_warmup_steps!r}")
+        if self.router == "token":
+            expert_only = {"capacities": None, "expert_aux": "loss",
+                           "capacity_warmup_steps": 0}
+            for name, default in expert_only.items():
+                if getattr(self, name) != default:
+                    fail(name, "applies to expert-choice routing only; token-choice loads "
+                         "follow the router (drop this field or set router = \"expert\")")
+            if self.eval_routing == "topk":
+                fail("eval_routing", "token-choice routing is causal by construction; "
+                     "'topk' applies to expert-choice only")
+        else:
+            token_only = {"balancing": "loss", "balance_coef": 0.1, "bias_update_rate": 1e-3}
+            for name, default in token_only.items():
+                if getattr(self, name) != default:
+                    fail(name, "applies to token-choice routing only (router = \"token\")")
+        if (self.kv == "share" and self.capacities is not None
+                and self.capacities[0] < 1.0):
+            fail("kv", "recursive KV sharing reuses the FIRST recursion's keys/values for the "
+                 "whole sequence, so capacities[0] must be 1.0")
 
     # --- derived views ---------------------------------------------------------------------
     @property
     def step_capacities(self) -> tuple[float, ...]:
-        """Capacity of each recursion step (MoR); 1.0 everywhere for other families."""
+        """Target fraction of tokens that take each recursion step: expert-choice
+        capacities; token-choice under perfect balance (the paper's FLOPs assumption) gives
+        the same (N_r - r + 1)/N_r; 1.0 everywhere for other families."""
         nr = self.num_recursions
         if self.family != "mor":
             return (1.0,) * nr

@@ -72,22 +72,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
+                shared_kv: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, T, d] -> (y [B, T, d], (k, v)), k/v [B, n_kv_heads, S, head_dim] after RoPE.
+
+        `shared_kv` replaces this call's own keys/values (recursive KV sharing): the K and V
+        projections are then not computed at all, and `attn_mask` [B, T, S] must say which
+        of the S shared positions each query may see."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
+        if shared_kv is None:
+            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = apply_rope(k, cos, sin)
+        else:
+            k, v = shared_kv
+        kk, vv = k, v
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.unsqueeze(1))
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask.unsqueeze(1))
+        y = self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return y, (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -111,7 +122,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
+                shared_kv: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """-> (output, the (k, v) this layer attended over; see `Attention.forward`)."""
+        a, kv = self.attn(self.attn_norm(x), cos, sin, attn_mask, shared_kv)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv

@@ -26,12 +26,39 @@ from mor.layers import Block, RMSNorm, RotaryEmbedding
 
 
 @dataclass
+class KVEntry:
+    """Keys/values one layer application attended over, as a KV cache would store them.
+
+    k, v: [B, n_kv_heads, S, head_dim]; `valid` [B, S] marks real tokens where rows of the
+    batch hold different numbers (padding otherwise); `shared` says the entry reuses an
+    earlier recursion's tensors (recursive KV sharing) and so stores nothing new."""
+
+    layer: int
+    recursion: int
+    k: Tensor
+    v: Tensor
+    valid: Tensor | None = None
+    shared: bool = False
+
+    def stored_tokens(self) -> int:
+        if self.shared:
+            return 0
+        if self.valid is not None:
+            return int(self.valid.sum())
+        return self.k.shape[0] * self.k.shape[2]
+
+
+@dataclass
 class ModelOutput:
     logits: Tensor
     loss: Tensor | None = None
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
+    depths: Tensor | None = None
+    """MoR: recursion steps each token took, [B, T] (None for other families)."""
+    kv: list[KVEntry] | None = None
+    """With `collect_kv=True`: every layer application's keys/values."""
 
 
 class CausalLM(nn.Module):
@@ -53,25 +80,40 @@ class CausalLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     # --- the family-specific part: MoR overrides it ------------------------------------------
-    def _run_stack(self, h: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """h [B, T, d] -> (h, weighted aux loss or None, stats).
+    def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None
+                   ) -> tuple[Tensor, Tensor | None, dict[str, Tensor], Tensor | None]:
+        """h [B, T, d] -> (h, weighted aux loss or None, stats, per-token depths or None).
 
         Vanilla and recursive models apply the unique layers in `cfg.schedule()` order
-        (a recursive model visits the same `Block` objects several times)."""
+        (a recursive model visits the same `Block` objects several times; each visit is its
+        own recursion with its own keys/values)."""
         cos, sin = self.rope_for(torch.arange(h.shape[1], device=h.device))
+        visits: dict[int, int] = {}
         for i in self.schedule:
-            h = self.layers[i](h, cos, sin)
-        return h, None, {}
+            h, (k, v) = self.layers[i](h, cos, sin)
+            visits[i] = visits.get(i, 0) + 1
+            if kv_log is not None:
+                kv_log.append(KVEntry(i, visits[i], k, v))
+        return h, None, {}, None
+
+    def after_optimizer_step(self, stats: dict[str, Tensor]) -> None:
+        """Called by the training loop after every optimizer step with the step's routing
+        statistics. A no-op except for token-choice MoR with loss-free balancing, whose
+        selection bias moves here -- explicitly, never as a side effect of `forward`."""
 
     # --- shared ------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *,
+                step: int | None = None, collect_kv: bool = False) -> ModelOutput:
+        """`step`: the training step (drives MoR capacity warm-up; None = warm-up done).
+        `collect_kv`: also return every layer application's keys/values (`out.kv`)."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ConfigError(f"sequence of {t} tokens exceeds max_seq_len="
                               f"{self.cfg.max_seq_len}; raise max_seq_len in the model config")
-        h, aux, stats = self._run_stack(self.embed(input_ids))
+        kv_log: list[KVEntry] | None = [] if collect_kv else None
+        h, aux, stats, depths = self._run_stack(self.embed(input_ids), step, kv_log)
         logits = F.linear(self.norm(h), self.embed.weight)  # tied output head
-        out = ModelOutput(logits=logits, aux_loss=aux, stats=stats)
+        out = ModelOutput(logits=logits, aux_loss=aux, stats=stats, depths=depths, kv=kv_log)
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                           ignore_index=-100)

@@ -81,13 +81,14 @@ CAUSAL_MODES = [(f, nr, s, "topk") for f, nr, s in FAMILIES if f != "mor"] + [
 @pytest.mark.parametrize("family,nr,sharing,routing", CAUSAL_MODES)
 def test_causal_modes_never_see_the_future(family, nr, sharing, routing):
     torch.manual_seed(1)
-    cfg = micro(family=family, num_recursions=nr, sharing=sharing, eval_routing=routing)
+    extra = {"eval_routing": routing} if family == "mor" else {}
+    cfg = micro(family=family, num_recursions=nr, sharing=sharing, **extra)
     model = build_model(cfg).eval()
     if family == "mor":
         # Spread router outputs so the causal rule selects some tokens and rejects others.
         with torch.no_grad():
             for r in model.routers:
-                r.weight.normal_(0, 1.0)
+                r.net.weight.normal_(0, 1.0)
     ids = _ids(cfg, t=32)
     with torch.no_grad():
         base = model(ids)
@@ -111,7 +112,7 @@ def test_mor_topk_routing_is_not_causal():
     model = build_model(cfg).eval()
     with torch.no_grad():
         for r in model.routers:
-            r.weight.normal_(0, 1.0)
+            r.net.weight.normal_(0, 1.0)
     ids = _ids(cfg, t=32)
     leaked = False
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_mor_topk_capacities_and_stats():
     assert out.loss.item() == pytest.approx(out.lm_loss.item() + out.aux_loss.item(), rel=1e-6)
     out.loss.backward()
     for router in model.routers:
-        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+        assert router.net.weight.grad is not None and router.net.weight.grad.abs().sum() > 0
 
 
 def test_mor_hierarchical_filtering_and_positions(monkeypatch):
@@ -164,26 +165,33 @@ def test_mor_hierarchical_filtering_and_positions(monkeypatch):
             assert set(cur[row].tolist()) <= set(prev[row].tolist())  # nested selections
 
 
+def _shared_block(model, x, positions):
+    cos, sin = model.rope_for(positions)
+    for i in model.shared:
+        x, _ = model.layers[i](x, cos, sin)
+    return x
+
+
 def test_mor_update_rule_h_plus_gate_times_block():
     """A token selected at the last step gets H + g * f(H); an unselected one is unchanged."""
     torch.manual_seed(3)
     cfg = micro(family="mor", num_recursions=2)
     model = build_model(cfg).train()
     h = torch.randn(1, 10, cfg.d_model)
-    out, _, _ = model._recurse_topk(h, torch.arange(10))
+    out, _, _, depths = model._expert_topk(h, None, None)
     # Step 1 (capacity 1) updates every token; step 2 keeps 5. Recompute by hand.
     logits1 = model.routers[0](h).squeeze(-1)
-    cos, sin = model.rope_for(torch.arange(10).expand(1, 10))
-    h1 = h + 0.1 * torch.sigmoid(logits1).unsqueeze(-1) * model._shared_block(h, cos, sin)
+    h1 = h + 0.1 * torch.sigmoid(logits1).unsqueeze(-1) * _shared_block(
+        model, h, torch.arange(10).expand(1, 10))
     logits2 = model.routers[1](h1).squeeze(-1)
     keep = logits2.topk(5, dim=-1).indices.sort(dim=-1).values[0]
     drop = sorted(set(range(10)) - set(keep.tolist()))
     torch.testing.assert_close(out[0, drop], h1[0, drop], atol=1e-6, rtol=0)
     sub = h1[:, keep]
-    c2, s2 = model.rope_for(keep.unsqueeze(0))
-    expect = sub + 0.1 * torch.sigmoid(logits2[:, keep]).unsqueeze(-1) * model._shared_block(
-        sub, c2, s2)
+    expect = sub + 0.1 * torch.sigmoid(logits2[:, keep]).unsqueeze(-1) * _shared_block(
+        model, sub, keep.unsqueeze(0))
     torch.testing.assert_close(out[:, keep], expect, atol=1e-5, rtol=0)
+    assert depths[0, keep].tolist() == [2] * 5 and depths[0, drop].tolist() == [1] * 5
 
 
 # --- parameters and sharing ------------------------------------------------------------------

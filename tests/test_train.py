@@ -220,7 +220,7 @@ def test_param_groups(family, nr):
     assert id(model.embed.weight) in no_decay
     assert id(model.norm.weight) in no_decay
     if family == "mor":
-        assert {id(r.weight) for r in model.routers} <= decay
+        assert {id(p) for p in model.routers.parameters()} <= decay
 
 
 # --------------------------------------------------------------------------------------------
