@@ -41,8 +41,9 @@ class Budget:
 
     @property
     def tag(self) -> str:
-        """Short label for run ids and tables, e.g. '2e13F' or '1.2e6T'."""
-        return f"{self.value:.3g}".replace("+", "") + ("F" if self.kind == "flops" else "T")
+        """Label for run ids and tables, e.g. '2e13F' or '1.2e06T' (6 significant digits,
+        so distinct budgets of a suite get distinct labels)."""
+        return f"{self.value:.6g}".replace("+", "") + ("F" if self.kind == "flops" else "T")
 
 
 @dataclass(frozen=True)

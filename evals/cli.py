@@ -4,6 +4,7 @@
     mor-bench suites                              the built-in suites
     mor-bench run SUITE [--dry-run] [--json]      train a suite, write records and a report
     mor-bench report RUN_DIR [--json]             re-render the comparison table
+    mor-bench route CHECKPOINT --text "..."       tokens coloured by their recursion depth
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
     mor-bench bench-train --preset small          training tokens/s and MFU of one preset
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 from mor.errors import MorBenchError
 
 EXAMPLES = """examples:
-  mor-bench run smoke                      # the built-in CPU suite (~4 min on 2 cores)
+  mor-bench run smoke                      # the built-in CPU suite (~3 min on 2 cores)
   mor-bench run paper-360m --dry-run       # plan the paper's Table 3 models, no training
   mor-bench run my_suite.toml --corpus ../shared/data/corpus/prose_en.jsonl.gz
   mor-bench report runs/smoke-20261129-101500-a1b2c3
@@ -52,8 +54,11 @@ def _rich_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
 def cmd_models(args: argparse.Namespace) -> int:
     """List presets x families with parameters and FLOPs/token (analytic, nothing built)."""
     from mor import ModelConfig, flops
-    from mor.config import PRESETS
+    from mor.config import MAX_RECURSIONS, PRESETS
 
+    bad = [n for n in args.recursions if not 1 <= n <= MAX_RECURSIONS]
+    if bad:
+        raise MorBenchError(f"--recursions {bad}: N_r must be in 1..{MAX_RECURSIONS}")
     rows = []
     for preset in PRESETS:
         variants = [("vanilla", 1)] + [(f, n) for f in ("recursive", "mor")
@@ -111,6 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite)
     if args.dry_run:
+        if args.corpus:
+            from evals.data import check_corpus
+
+            check_corpus(args.corpus)
         from evals.runner import dry_run
 
         rows = dry_run(suite)
@@ -119,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             shown = [{"run_id": r["run_id"], "family": r["family"], "layers": r["layers"],
                       "N_r": r["num_recursions"],
+                      "unique params": f"{r['params_unique'] / 1e6:,.2f}M",
                       "non-emb params": f"{r['params_non_embedding'] / 1e6:,.2f}M",
                       "FLOPs/tok": f"{r['flops_per_token_paper']:.3g}",
                       "tokens": f"{r['tokens']:.4g}", "steps": r["steps"],
@@ -173,11 +183,50 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    """Show the recursion depth each token of a text receives from a trained MoR checkpoint:
+    coloured in the terminal, or as JSON (token id, text piece, depth) with --json."""
+    from evals.routing import render_routed_text, route_text
+    from evals.tokenizer import tokenizer_from_spec
+    from mor.checkpoint import load_checkpoint, read_checkpoint_meta
+
+    if (args.text is None) == (args.file is None):
+        raise MorBenchError("give the text to route with exactly one of --text or --file")
+    text = args.text
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise MorBenchError(f"--file '{path}' does not exist")
+        text = path.read_text()
+    _, meta = read_checkpoint_meta(args.checkpoint)
+    tok_spec = meta.get("extra", {}).get("tokenizer")
+    if tok_spec is None:
+        raise MorBenchError(f"checkpoint '{args.checkpoint}' records no tokenizer; it was not "
+                            "written by `mor-bench run`")
+    overrides = {"eval_routing": args.routing} if args.routing else {}
+    model = load_checkpoint(args.checkpoint, **overrides)
+    routed = route_text(model, tokenizer_from_spec(tok_spec), text)
+    if args.json:
+        _print_json(routed)
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(f"[bold]{meta['extra'].get('run_id', args.checkpoint)}[/bold] "
+                      f"({model.cfg.router}-choice, N_r={model.cfg.num_recursions}, routing "
+                      f"{routed['routing']})\n")
+        console.print(render_routed_text(routed))
+    return 0
+
+
 def cmd_peak_flops(args: argparse.Namespace) -> int:
     """Measure the fp32 (CPU) or bf16 (CUDA) square-matmul peak used as MFU denominator."""
     from evals.runner import measure_matmul_peak
+    from evals.train import resolve_device
 
-    peak = measure_matmul_peak(args.device, size=args.size)
+    if args.size < 64:
+        raise MorBenchError(f"--size {args.size} is too small to measure a peak; use >= 64")
+    peak = measure_matmul_peak(resolve_device(args.device).type, size=args.size)
     if args.json:
         _print_json({"device": args.device, "size": args.size, "flops_per_s": peak})
     else:
@@ -190,6 +239,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     warm-up, median step time, MFU against a matmul peak measured in the same process."""
     from evals.bench import bench_train
 
+    if args.steps < 1:
+        raise MorBenchError(f"--steps {args.steps}: need at least 1 timed step")
     res = bench_train(args.preset, args.family, args.num_recursions, seq_len=args.seq_len,
                       batch_size=args.batch_size, steps=args.steps, device=args.device)
     if args.json:
@@ -246,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a directory written by `mor-bench run`")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = add("route", cmd_route, "colour a text's tokens by the recursion depth MoR gives them")
+    p.add_argument("checkpoint", help="a run directory of a MoR model (holds model.safetensors)")
+    p.add_argument("--text", help="the text to route")
+    p.add_argument("--file", help="read the text from this file instead")
+    p.add_argument("--routing", choices=["topk", "causal"], help="expert-choice evaluation "
+                   "routing (default: the checkpoint's; token-choice is always causal)")
+    p.add_argument("--json", action="store_true", help="tokens with their depths as JSON")
+
     p = add("peak-flops", cmd_peak_flops, "measure the matmul peak used for MFU")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", type=int, default=1024, help="matrix size (default 1024)")
@@ -274,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mor-bench: interrupted; finished runs keep their records", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `mor-bench models --json | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit flush
+        return 0
 
 
 if __name__ == "__main__":

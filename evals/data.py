@@ -78,6 +78,18 @@ def load_documents(
     return docs
 
 
+def check_corpus(source: str) -> None:
+    """Fail fast (DataError) on a corpus that cannot be read, reading at most one document:
+    a missing path, an empty directory or glob, a bad synthetic:N, a missing `datasets`
+    package for hf: sources. Hub datasets themselves are only checked when loaded."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        load_documents(source, max_docs=1)
+    elif source.startswith("hf:"):
+        _import_datasets(source)
+    elif next(_iter_local(source), None) is None:
+        raise DataError(f"corpus '{source}' contains no documents; pass a non-empty corpus")
+
+
 def _iter_local(source: str) -> Iterator[Document]:
     """Documents from a local file, directory or glob, files in sorted order."""
     path = Path(source)
@@ -179,14 +191,19 @@ def _read_jsonl(path: Path, name: str) -> Iterator[Document]:
         ) from exc
 
 
-def _load_hf(source: str, max_docs: int) -> list[Document]:
-    """``hf:DATASET[:CONFIG][@SPLIT]`` streamed with ``datasets.load_dataset``."""
+def _import_datasets(source: str = "hf:..."):
     try:
         import datasets
     except ImportError as exc:
         raise DataError(
             f"corpus '{source}' needs the datasets package; run pip install 'mor-bench[hf]'"
         ) from exc
+    return datasets
+
+
+def _load_hf(source: str, max_docs: int) -> list[Document]:
+    """``hf:DATASET[:CONFIG][@SPLIT]`` streamed with ``datasets.load_dataset``."""
+    datasets = _import_datasets(source)
     rest, _, split = source[3:].partition("@")
     dataset, _, config = rest.partition(":")
     split = split or "train"
@@ -426,7 +443,7 @@ def iterate_batches(
     """Yield ``(x, y) = (w[:, :-1], w[:, 1:])`` batches forever, deterministically for ``seed``.
 
     Epoch ``e`` visits the windows in the order of a permutation drawn from
-    ``torch.Generator().manual_seed(seed + e)``. Batches are consecutive slices of the
+    ``torch.Generator().manual_seed(seed * 1_000_003 + e)``. Batches are consecutive slices of the
     concatenated epoch orders, so every batch is full and no window is skipped (a batch may
     straddle two epochs, and with fewer windows than ``batch_size`` it spans several).
     """
@@ -444,7 +461,8 @@ def iterate_batches(
 
 def _epoch_indices(n: int, seed: int) -> Iterator[int]:
     for epoch in itertools.count():
-        gen = torch.Generator().manual_seed(seed + epoch)
+        # seed * a large prime + epoch: seed s's epoch 1 is not seed s+1's epoch 0.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         yield from torch.randperm(n, generator=gen).tolist()
 
 

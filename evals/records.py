@@ -55,4 +55,12 @@ def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
     if not records:
         raise MorBenchError(f"no {RECORD} files under '{run_dir}'; is this a mor-bench run "
                             "directory?")
+    # One report = one suite run: records of several runs would be averaged as if they were
+    # seeds of one model.
+    origins = sorted({str(r.get("suite", {}).get("run_dir")) for r in records})
+    ids = [r.get("run_id") for r in records]
+    if len(origins) > 1 or len(set(ids)) != len(ids):
+        raise MorBenchError(f"'{run_dir}' holds records of {len(origins)} suite runs "
+                            f"({', '.join(origins[:3])}{', ...' if len(origins) > 3 else ''}); "
+                            "pass one run directory")
     return sorted(records, key=lambda r: r["run_id"])

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from evals.budget import plan_training
 from evals.records import SCHEMA, write_json_atomic
 from evals.suite import RunSpec, Suite, plan_runs, plan_table
 
@@ -165,8 +166,8 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
 
     from evals.data import iterate_batches
     from evals.provenance import provenance
-    from evals.train import TrainConfig, evaluate_nll, resolve_device, train
-    from mor import build_model, save_checkpoint
+    from evals.train import TrainConfig, resolve_device, train
+    from mor import build_model, flops, save_checkpoint
 
     started = _utc_now()
     tcfg = TrainConfig(**train_cfg)
@@ -183,16 +184,8 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     batches = iterate_batches(train_windows, tcfg.batch_size, seed=spec.seed)
     result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
                    device=device, on_step=_progress(spec.plan.steps, spec.run_id))
-    val = evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size, device=device)
-    nll_by_routing = {}
-    if spec.config.family == "mor":
-        # The paper's number is top-k (not causal); the causal rule's NLL is recorded beside
-        # it so nobody mistakes one for the other.
-        for mode in ("topk", "causal"):
-            model.set_eval_routing(mode)
-            nll_by_routing[mode] = evaluate_nll(model, val_windows, device=device,
-                                                batch_size=tcfg.val_batch_size)["val_nll"]
-        model.set_eval_routing(spec.config.eval_routing)
+    cfg = spec.config
+    val, val_by_mode, depth_by_mode = _evaluate(model, cfg, val_windows, data_dir, tcfg, device)
     out_dir = run_dir / spec.run_id
     tokenizer_spec = json.loads((data_dir / "tokenizer.json").read_text())
     save_checkpoint(model, out_dir, extra={"tokenizer": tokenizer_spec, "run_id": spec.run_id})
@@ -204,7 +197,9 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         "val_nll": val["val_nll"],
         "val_bpb": val["val_nll"] / np.log(2) / data_meta["val_bytes_per_token"],
         "val_tokens": val["val_tokens"],
-        "val_nll_by_routing": nll_by_routing,
+        "val_nll_by_routing": {m: v["val_nll"] for m, v in val_by_mode.items()},
+        "val_routing_by_mode": {m: _routing_stats(v) for m, v in val_by_mode.items()},
+        "depth_by_mode": depth_by_mode,
         "final_train_loss": result.final_train_loss,
         "train_time_s": result.train_time_s, "tokens_per_s": result.tokens_per_s,
         "peak_mem_bytes": result.peak_mem_bytes, "peak_mem_kind": result.peak_mem_kind,
@@ -213,17 +208,22 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         "achieved_flops_per_s": achieved,
         "mfu": achieved / peak_flops if peak_flops else None,
         "routing": result.routing,
-        "val_routing": {k.removeprefix("val_"): v for k, v in val.items()
-                        if k not in ("val_nll", "val_tokens")},
+        "val_routing": _routing_stats(val),
+        # The paper convention with the routing the run actually took (training average).
+        "flops_per_token_effective": (flops.effective_flops_per_token(
+            cfg, data_meta["seq_len"], result.routing) if cfg.family == "mor"
+            else spec.plan.flops_per_token),
     }
-    from mor import flops
+    metrics["flops_used_effective"] = metrics["flops_per_token_effective"] * result.tokens
 
     record = {
         "schema": SCHEMA, "status": "ok", **spec.to_dict(),
         "family": spec.config.family,
         "params": flops.param_counts(spec.config),
         "layer_plan": spec.config.layer_plan,
-        "eval_routing": spec.config.eval_routing if spec.config.family == "mor" else None,
+        "eval_routing": cfg.eval_routing if cfg.family == "mor" else None,
+        "router": cfg.router if cfg.family == "mor" else None,
+        "kv": cfg.kv if cfg.family == "mor" else None,
         "suite": suite_info, "data": data_meta, "train": dataclasses.asdict(tcfg),
         "metrics": metrics, "loss_curve": result.loss_curve,
         "peak_flops_per_s": peak_flops, "device": str(device),
@@ -232,6 +232,51 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     }
     write_json_atomic(out_dir / "record.json", record)
     return record
+
+
+def _routing_stats(val: dict[str, float]) -> dict[str, float]:
+    return {k.removeprefix("val_"): v for k, v in val.items()
+            if k not in ("val_nll", "val_tokens")}
+
+
+def _evaluate(model, cfg, val_windows, data_dir: Path, tcfg, device):
+    """Validation NLL and routing statistics -- for expert-choice MoR under BOTH routing
+    modes (the paper's top-k, not causal, and the causal rule), so no number is mistaken
+    for the other -- and per-token depth summaries (by difficulty class where the corpus
+    has them). Returns (result of the configured mode, results by mode, depths by mode)."""
+    import torch
+
+    from evals.routing import depth_summary, token_depths
+    from evals.synthetic import DIFFICULTY_CLASSES
+    from evals.train import evaluate_nll
+
+    if cfg.family != "mor":
+        return evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size,
+                            device=device), {}, {}
+    classes_file = data_dir / "val_classes.npy"
+    classes = (torch.from_numpy(np.load(classes_file))[:, :-1] if classes_file.is_file()
+               else None)
+    modes = ("topk", "causal") if cfg.router == "expert" else (cfg.eval_routing,)
+    by_mode, depths = {}, {}
+    for mode in modes:
+        if cfg.router == "expert":
+            model.set_eval_routing(mode)
+        by_mode[mode] = evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size,
+                                     device=device)
+        d = token_depths(model, val_windows[:, :-1], batch_size=tcfg.val_batch_size)
+        depths[mode] = depth_summary(d, cfg.num_recursions, classes, DIFFICULTY_CLASSES)
+    if cfg.router == "expert":
+        model.set_eval_routing(cfg.eval_routing)
+    return by_mode[cfg.eval_routing], by_mode, depths
+
+
+def _safe_provenance() -> dict[str, Any]:
+    try:
+        from evals.provenance import provenance
+
+        return provenance()
+    except Exception as e:  # a failure record must still be written
+        return {"error": f"provenance unavailable: {e}"}
 
 
 def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
@@ -247,6 +292,7 @@ def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
             "schema": SCHEMA, "status": "failed", **spec.to_dict(),
             "family": spec.config.family, "suite": suite_info,
             "error": f"{type(e).__name__}: {e}", "finished_at": _utc_now(), "metrics": {},
+            "provenance": _safe_provenance(),
         })
         print(f"run {spec.run_id} failed: {type(e).__name__}: {e} (see {out_dir}/error.txt)",
               file=sys.stderr, flush=True)
@@ -261,7 +307,12 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
               cache_dir: Path = DEFAULT_CACHE, log=print) -> tuple[Path, list[dict], list[str]]:
     """Train every planned run; returns the run directory, the records written (failed
     runs included, with status "failed") and the ids of the runs that failed."""
+    from evals.data import check_corpus
+    from evals.train import resolve_device
+
     runs = plan_runs(suite)  # validates everything before any data or compute
+    resolve_device(suite.train.device)  # e.g. device = "cuda" on a machine without one
+    check_corpus(corpus or suite.data.corpus)
     t_data = time.perf_counter()
     prepared = load_suite_data(suite, corpus, cache_dir)
     run_dir = make_run_dir(out_root, suite.name)
@@ -272,11 +323,13 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     log(f"data: {data_meta['corpus']} / {data_meta['tokenizer']}: "
         f"{data_meta['train_tokens']:,} train tokens, {data_meta['val_windows']} val windows "
         f"({time.perf_counter() - t_data:.1f}s)")
-    if data_meta["vocab_size"] != runs[0].config.vocab_size:
-        runs = [dataclasses.replace(r, config=r.config.replace(
-            vocab_size=data_meta["vocab_size"])) for r in runs]
+    runs = [_with_vocab(r, data_meta["vocab_size"], suite) for r in runs]
     write_json_atomic(run_dir / "plan.json", plan_table(runs))
     train_cfg = dataclasses.asdict(suite.train)
+    if suite.train.threads:  # the runs use this many threads: so does their MFU denominator
+        import torch
+
+        torch.set_num_threads(suite.train.threads)
     peak = measure_matmul_peak("cuda" if _cuda_wanted(suite.train.device) else "cpu")
     log(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (MFU denominator)")
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
@@ -305,6 +358,17 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     log(f"suite {suite.name}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
         f"{time.perf_counter() - t0:.0f}s")
     return run_dir, records, failed
+
+
+def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:
+    """The run with the tokenizer's real vocabulary (known only once data is loaded), its
+    plan recomputed: paper FLOPs ignore the head, but exact FLOPs and params do not."""
+    if spec.config.vocab_size == vocab_size:
+        return spec
+    cfg = spec.config.replace(vocab_size=vocab_size)
+    t = suite.train
+    plan = plan_training(cfg, spec.budget, suite.data.seq_len, t.batch_size, t.grad_accum)
+    return dataclasses.replace(spec, config=cfg, plan=plan)
 
 
 def _cuda_wanted(device: str) -> bool:

@@ -160,6 +160,9 @@ def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
     values = values if isinstance(values, list) else [values]
     if not values:
         raise ConfigError(f"{source}: {where}.{kind} is empty")
+    if len({f"{float(v):.6g}" for v in values if isinstance(v, (int, float))}) != len(values):
+        raise ConfigError(f"{source}: {where}.{kind} lists the same budget twice ({values}); "
+                          "budgets must differ in their first 6 significant digits")
     try:
         if kind == "flops":
             return tuple(Budget(flops=float(v)) for v in values)
@@ -183,6 +186,9 @@ def parse_suite(text: str, source: str) -> Suite:
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: 'seeds' lists a seed twice ({seeds}); each seed is one "
+                          "run, list it once")
 
     data_raw = raw.get("data", {})
     _check_keys("[data]", data_raw, {f.name for f in dataclasses.fields(DataSettings)},
@@ -265,6 +271,10 @@ def plan_runs(suite: Suite) -> list[RunSpec]:
                 run_id = f"{m.name}-{b.tag}-s{seed}"
                 runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
                                     min(warmup, p.steps), m.preset))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):  # a guard: names, budgets and seeds are unique above
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"{suite.source}: run ids collide ({', '.join(dup)}); rename models")
     return runs
 
 

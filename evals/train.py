@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -104,10 +105,18 @@ class TrainResult:
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured). CPU: the process's resident-set high-water mark from
+    /proc/self/status (VmHWM), which a freshly exec'd run process starts anew; ru_maxrss
+    is NOT used on Linux because a spawned child inherits its parent's value."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process_peak_rss"
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes, own process
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
 
 
@@ -183,6 +192,7 @@ def evaluate_nll(model: CausalLM, windows: Tensor, *, batch_size: int,
                  device: torch.device) -> dict[str, float]:
     """Mean next-token NLL (nats/token) over held-out windows [N, T+1], in eval mode (MoR
     routes with its `eval_routing`)."""
+    was_training = model.training
     model.to(device).eval()
     total, count = 0.0, 0
     stats_sum: dict[str, float] = {}
@@ -197,6 +207,6 @@ def evaluate_nll(model: CausalLM, windows: Tensor, *, batch_size: int,
         for k, v in out.stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
         n_batches += 1
-    model.train()
+    model.train(was_training)
     return {"val_nll": total / count, "val_tokens": count,
             **{f"val_{k}": v / n_batches for k, v in stats_sum.items()}}

@@ -187,18 +187,26 @@ class ModelConfig:
                  f"{', '.join(SHARING)}")
         if self.n_heads % self.n_kv_heads:
             fail("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int)
+                                          or isinstance(self.head_dim, bool)
+                                          or self.head_dim < 1):
+            fail("head_dim", f"must be a positive integer, got {self.head_dim!r}")
         hd = self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
         if self.head_dim is None and self.d_model % self.n_heads:
             fail("n_heads", f"{self.n_heads} does not divide d_model={self.d_model}; "
                  "set head_dim explicitly")
         if hd % 2:
             fail("head_dim", f"RoPE needs an even head_dim, got {hd}")
+        if not self.rope_theta > 0:
+            fail("rope_theta", f"must be > 0, got {self.rope_theta}")
+        if not self.norm_eps > 0:
+            fail("norm_eps", f"must be > 0, got {self.norm_eps}")
         if not 0 < self.init_std < 1:
             fail("init_std", f"must be in (0, 1), got {self.init_std}")
         if not self.tie_embeddings:
             fail("tie_embeddings", "only tied embeddings are supported (as in the paper)")
         nr = self.num_recursions
-        if not isinstance(nr, int) or not 1 <= nr <= MAX_RECURSIONS:
+        if not isinstance(nr, int) or isinstance(nr, bool) or not 1 <= nr <= MAX_RECURSIONS:
             fail("num_recursions", f"must be an integer in 1..{MAX_RECURSIONS}, got {nr!r}")
         if self.family == "vanilla" and nr != 1:
             fail("num_recursions", "a vanilla model has no recursions; use family='recursive' "

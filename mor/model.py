@@ -3,7 +3,7 @@
     out = model(input_ids, targets=None)
     out.logits    [B, T, V]
     out.loss      language-model cross-entropy + out.aux_loss (None without targets)
-    out.aux_loss  already-weighted router losses (0 for families without routers)
+    out.aux_loss  already-weighted router losses (None for families without routers)
     out.stats     routing statistics: name -> detached scalar tensor
 
 A family only decides how the stack of decoder layers is applied (`_run_stack`: here the

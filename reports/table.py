@@ -20,14 +20,19 @@ from evals.provenance import hardware_summary
 from evals.records import load_records
 
 COLUMNS = [
-    "model", "family", "N_r", "layers", "budget", "seeds", "params_non_emb", "flops_per_token",
-    "flops_used", "tokens", "val_nll", "val_nll_causal", "val_bpb", "train_time_s", "tokens_per_s",
-    "peak_mem_mb", "mfu", "rel_val_nll", "rel_train_time", "rel_tokens_per_s", "rel_peak_mem",
+    "model", "family", "router", "kv", "N_r", "layers", "eval_routing", "budget", "seeds",
+    "params_non_emb", "flops_per_token", "flops_per_token_effective", "flops_used", "tokens",
+    "val_nll", "val_nll_causal", "val_bpb", "sampling_acc", "dead_token_ratio", "maxvio",
+    "train_time_s", "tokens_per_s", "peak_mem_mb", "mfu", "rel_params", "rel_flops_per_token",
+    "rel_tokens", "rel_val_nll", "rel_train_time", "rel_tokens_per_s", "rel_peak_mem",
 ]
 
 
-def _metric(rec: dict[str, Any], key: str) -> float:
-    value = rec.get("metrics", {}).get(key)
+def _metric(rec: dict[str, Any], *path: str) -> float:
+    """A numeric metric at `path` under rec["metrics"], NaN when absent (never 0)."""
+    value: Any = rec.get("metrics", {})
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
@@ -40,17 +45,23 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         budget = r["budget"]
         rows.append({
             "model": r["model_name"], "family": r["family"],
+            "router": r.get("router"), "kv": r.get("kv"), "eval_routing": r.get("eval_routing"),
             "N_r": r["config"]["num_recursions"] if r["family"] != "vanilla" else None,
             "layers": r.get("layer_plan"),
-            "budget": f"{budget['value']:.3g} {budget['kind']}",
+            "budget": f"{budget['value']:.6g} {budget['kind']}",
             "budget_kind": budget["kind"], "budget_value": float(budget["value"]),
             "seed": r["seed"],
             "params_non_emb": r.get("params", {}).get("non_embedding"),
             "flops_per_token": r["plan"]["flops_per_token"],
             "flops_used": _metric(r, "flops_used"), "tokens": _metric(r, "tokens"),
             "val_nll": _metric(r, "val_nll"), "val_bpb": _metric(r, "val_bpb"),
-            "val_nll_causal": float(r.get("metrics", {}).get("val_nll_by_routing", {})
-                                    .get("causal", math.nan)),
+            "val_nll_causal": _metric(r, "val_nll_by_routing", "causal"),
+            "flops_per_token_effective": _metric(r, "flops_per_token_effective"),
+            # Diagnostics as the paper reports them: sampling accuracy and dead tokens of
+            # expert-choice under top-k, load violation of token-choice.
+            "sampling_acc": _metric(r, "val_routing_by_mode", "topk", "sampling_acc"),
+            "dead_token_ratio": _metric(r, "val_routing_by_mode", "topk", "dead_token_ratio"),
+            "maxvio": _metric(r, "val_routing", "maxvio"),
             "train_time_s": _metric(r, "train_time_s"),
             "tokens_per_s": _metric(r, "tokens_per_s"),
             "peak_mem_mb": _metric(r, "peak_mem_bytes") / 2**20, "mfu": _metric(r, "mfu"),
@@ -63,14 +74,18 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
     keys = ["model", "budget"]
-    static = ["family", "N_r", "layers", "params_non_emb", "flops_per_token", "budget_kind",
-              "budget_value"]
-    measured = ["flops_used", "tokens", "val_nll", "val_nll_causal", "val_bpb",
+    static = ["family", "router", "kv", "N_r", "layers", "eval_routing", "params_non_emb",
+              "flops_per_token", "budget_kind", "budget_value"]
+    measured = ["flops_per_token_effective", "flops_used", "tokens", "val_nll",
+                "val_nll_causal", "val_bpb", "sampling_acc", "dead_token_ratio", "maxvio",
                 "train_time_s", "tokens_per_s", "peak_mem_mb", "mfu"]
     agg = df.groupby(keys, sort=False, dropna=False).agg(
         **{c: (c, "first") for c in static}, **{c: (c, "mean") for c in measured},
         seeds=("seed", "count")).reset_index()
-    rel = {"rel_val_nll": ("val_nll", "diff"), "rel_train_time": ("train_time_s", "ratio"),
+    rel = {"rel_params": ("params_non_emb", "ratio"),
+           "rel_flops_per_token": ("flops_per_token", "ratio"),
+           "rel_tokens": ("tokens", "ratio"),
+           "rel_val_nll": ("val_nll", "diff"), "rel_train_time": ("train_time_s", "ratio"),
            "rel_tokens_per_s": ("tokens_per_s", "ratio"), "rel_peak_mem": ("peak_mem_mb",
                                                                           "ratio")}
     for col in rel:
@@ -94,11 +109,16 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
 _FORMATS = {
     "params_non_emb": lambda v: f"{v / 1e6:.2f}M", "flops_per_token": lambda v: f"{v:.3g}",
     "flops_used": lambda v: f"{v:.3g}", "tokens": lambda v: f"{v:,.0f}",
+    "flops_per_token_effective": lambda v: f"{v:.3g}",
+    "sampling_acc": lambda v: f"{100 * v:.1f}%", "dead_token_ratio": lambda v: f"{100 * v:.1f}%",
+    "maxvio": lambda v: f"{v:.3f}",
     "val_nll": lambda v: f"{v:.4f}", "val_nll_causal": lambda v: f"{v:.4f}",
     "val_bpb": lambda v: f"{v:.4f}",
     "train_time_s": lambda v: f"{v:.1f}", "tokens_per_s": lambda v: f"{v:,.0f}",
     "peak_mem_mb": lambda v: f"{v:,.0f}", "mfu": lambda v: f"{100 * v:.1f}%",
     "rel_val_nll": lambda v: f"{v:+.4f}", "rel_train_time": lambda v: f"{v:.2f}x",
+    "rel_params": lambda v: f"{v:.2f}x", "rel_flops_per_token": lambda v: f"{v:.2f}x",
+    "rel_tokens": lambda v: f"{v:.2f}x",
     "rel_tokens_per_s": lambda v: f"{v:.2f}x", "rel_peak_mem": lambda v: f"{v:.2f}x",
     "N_r": lambda v: f"{int(v)}",
 }

@@ -425,7 +425,10 @@ def test_iterate_batches_deterministic() -> None:
     rows = torch.cat([x[:, 0] // 5 for x, _ in batches]).tolist()
     assert sorted(rows[:10]) == list(range(10))  # first epoch is a permutation
     assert sorted(rows[10:20]) == list(range(10))
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(7 * 1_000_003)
     assert rows[:10] == torch.randperm(10, generator=gen).tolist()
     other = next(iterate_batches(windows, 4, seed=8))[0]
     assert not other.equal(batches[0][0])
+    # Seeds are independent streams: seed 8's first epoch is not seed 7's second epoch.
+    seed8 = iterate_batches(windows, 10, seed=8)
+    assert next(seed8)[0][:, 0].tolist() != rows[10:20]

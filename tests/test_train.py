@@ -407,9 +407,11 @@ def test_evaluate_nll_vanilla(micro_data):
     res = evaluate_nll(model, windows, batch_size=4, device=CPU)
     assert math.isfinite(res["val_nll"])
     assert res["val_tokens"] == 6 * SEQ_LEN
-    assert model.training  # evaluation leaves the model in training mode
-    # The token-weighted mean over batches equals the mean over all windows at once.
+    assert model.training  # evaluation restores the mode it found...
     model.eval()
+    evaluate_nll(model, windows, batch_size=4, device=CPU)
+    assert not model.training  # ...eval mode included
+    # The token-weighted mean over batches equals the mean over all windows at once.
     with torch.no_grad():
         whole = model(windows[:, :-1], windows[:, 1:]).lm_loss.item()
     assert res["val_nll"] == pytest.approx(whole, rel=1e-5)
