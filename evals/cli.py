@@ -6,7 +6,7 @@
     mor-bench report RUN_DIR [--json]             re-render the comparison table
     mor-bench route CHECKPOINT --text "..."       tokens coloured by their recursion depth
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
-    mor-bench bench-train --preset small          training tokens/s and MFU of one preset
+    mor-bench bench-train --preset small          training tokens/s and MFU (variants A/B)
 
 Bad input (unknown preset, impossible model, missing corpus, malformed suite) is reported
 as one line on stderr with exit code 2, before any training starts.
@@ -42,8 +42,8 @@ def _rich_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
 
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="left" if c in ("model", "preset", "family", "layers",
-                                                      "run_id", "budget") else "right")
+        left = c in ("model", "preset", "family", "layers", "variant", "run_id", "budget")
+        table.add_column(c, justify="left" if left else "right")
     for row in rows:
         table.add_row(*["-" if row.get(c) is None else str(row.get(c)) for c in columns])
     # Off a terminal (CI logs, pipes) rich would wrap at 80 columns and elide numbers.
@@ -199,6 +199,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             raise MorBenchError(f"--file '{path}' does not exist")
         text = path.read_text()
     _, meta = read_checkpoint_meta(args.checkpoint)
+    if meta["model"].get("family") != "mor":
+        raise MorBenchError(f"'{args.checkpoint}' is a {meta['model'].get('family')} model: "
+                            "only MoR models route tokens")
     tok_spec = meta.get("extra", {}).get("tokenizer")
     if tok_spec is None:
         raise MorBenchError(f"checkpoint '{args.checkpoint}' records no tokenizer; it was not "
@@ -235,23 +238,34 @@ def cmd_peak_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    """Training throughput and MFU of one preset on random tokens (no data needed): untimed
-    warm-up, median step time, MFU against a matmul peak measured in the same process."""
-    from evals.bench import bench_train
+    """Training throughput, FLOPs and MFU of one preset, or of several variants of it timed
+    side by side (interleaved A B A B, medians) on random tokens -- no data needed.
+
+    Variants are KEY=VALUE overrides of the model config, one --variant per model, e.g.
+      mor-bench bench-train --preset small --family mor -n 3 --variant kv=cache --variant kv=share
+    Ratios are to the first variant."""
+    from evals.bench import bench_variants, parse_overrides
 
     if args.steps < 1:
         raise MorBenchError(f"--steps {args.steps}: need at least 1 timed step")
-    res = bench_train(args.preset, args.family, args.num_recursions, seq_len=args.seq_len,
-                      batch_size=args.batch_size, steps=args.steps, device=args.device)
+    variants = [parse_overrides(v.split(",")) for v in args.variant] or [{}]
+    res = bench_variants(args.preset, args.family, args.num_recursions, variants,
+                         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+                         device=args.device)
     if args.json:
         _print_json(res)
-    else:
-        print(f"{res['preset']} {res['family']} ({res['layers']}), seq {res['seq_len']} x "
-              f"batch {res['batch_size']} on {res['device']} ({res['threads']} threads):\n"
-              f"  {res['tokens_per_s']:,.0f} tokens/s, median step {res['median_step_s']:.3f}s"
-              f"\n  {res['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved (3 x exact "
-              f"forward) vs {res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak "
-              f"-> MFU {100 * res['mfu']:.1f}%")
+        return 0
+    print(f"{res['preset']} {res['family']} N_r={res['num_recursions']}, seq {res['seq_len']} x "
+          f"batch {res['batch_size']} on {res['device']} ({res['threads']} threads), "
+          f"{res['steps']} timed steps each, matmul peak "
+          f"{res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    rows = [{"variant": r["variant"], "layers": r["layers"],
+             "step (s)": f"{r['median_step_s']:.4f}", "tokens/s": f"{r['tokens_per_s']:,.0f}",
+             "exact FLOPs/tok": f"{r['flops_per_token_exact']:.3g}",
+             "paper FLOPs/tok": f"{r['flops_per_token_paper']:.3g}",
+             "MFU": f"{100 * r['mfu']:.1f}%", "time ratio": f"{r['step_time_ratio']:.3f}",
+             "FLOPs ratio": f"{r['exact_flops_ratio']:.3f}"} for r in res["variants"]]
+    _rich_table("training step benchmark", rows, list(rows[0]))
     return 0
 
 
@@ -310,10 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=1024, help="matrix size (default 1024)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = add("bench-train", cmd_bench_train, "training tokens/s and MFU of one preset")
+    p = add("bench-train", cmd_bench_train, "training tokens/s, FLOPs and MFU, variants "
+            "side by side")
     p.add_argument("--preset", default="small", help="model preset (default small)")
     p.add_argument("--family", default="vanilla", help="vanilla | recursive | mor")
-    p.add_argument("--num-recursions", type=int, default=1, help="N_r (recursive/mor)")
+    p.add_argument("-n", "--num-recursions", type=int, default=1, help="N_r (recursive/mor)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="model-config overrides of one variant; repeat to compare variants")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")

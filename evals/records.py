@@ -59,8 +59,12 @@ def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
     # seeds of one model.
     origins = sorted({str(r.get("suite", {}).get("run_dir")) for r in records})
     ids = [r.get("run_id") for r in records]
-    if len(origins) > 1 or len(set(ids)) != len(ids):
+    if len(origins) > 1:
         raise MorBenchError(f"'{run_dir}' holds records of {len(origins)} suite runs "
                             f"({', '.join(origins[:3])}{', ...' if len(origins) > 3 else ''}); "
                             "pass one run directory")
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise MorBenchError(f"'{run_dir}' holds run {', '.join(map(str, dup))} more than once "
+                            "(a copied run directory?); pass one run directory")
     return sorted(records, key=lambda r: r["run_id"])

@@ -32,6 +32,7 @@ import numpy as np
 from evals.budget import plan_training
 from evals.records import SCHEMA, write_json_atomic
 from evals.suite import RunSpec, Suite, plan_runs, plan_table
+from mor.errors import ConfigError
 
 DEFAULT_CACHE = Path(os.environ.get("MOR_BENCH_CACHE", Path.home() / ".cache" / "mor-bench"))
 
@@ -160,7 +161,7 @@ def _progress(total: int, label: str):
 
 
 def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
-                train_cfg: dict[str, Any], peak_flops: float | None) -> dict[str, Any]:
+                train_cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one model and write its checkpoint and record. Runs in a child process."""
     import torch
 
@@ -180,6 +181,9 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     # Kept compact (uint16/int32): iterate_batches widens each batch to int64.
     train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int32))
     val_windows = torch.from_numpy(np.load(data_dir / "val.npy").astype(np.int64))
+    # The MFU denominator, measured by this process with its thread count right before it
+    # trains, so a busy machine depresses numerator and denominator alike.
+    peak_flops = measure_matmul_peak(device.type)
     model = build_model(spec.config)
     batches = iterate_batches(train_windows, tcfg.batch_size, seed=spec.seed)
     result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
@@ -279,11 +283,10 @@ def _safe_provenance() -> dict[str, Any]:
         return {"error": f"provenance unavailable: {e}"}
 
 
-def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
-                peak_flops: float | None) -> None:
+def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict) -> None:
     run_dir_p = Path(run_dir)
     try:
-        execute_run(spec, suite_info, run_dir_p, train_cfg, peak_flops)
+        execute_run(spec, suite_info, run_dir_p, train_cfg)
     except BaseException as e:  # record the failure, keep the other runs going
         out_dir = run_dir_p / spec.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +314,10 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     from evals.train import resolve_device
 
     runs = plan_runs(suite)  # validates everything before any data or compute
-    resolve_device(suite.train.device)  # e.g. device = "cuda" on a machine without one
+    try:
+        resolve_device(suite.train.device)  # e.g. device = "cuda" on a machine without one
+    except ConfigError as e:
+        raise ConfigError(f"{suite.source}: [train] {e}") from None
     check_corpus(corpus or suite.data.corpus)
     t_data = time.perf_counter()
     prepared = load_suite_data(suite, corpus, cache_dir)
@@ -326,12 +332,6 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     runs = [_with_vocab(r, data_meta["vocab_size"], suite) for r in runs]
     write_json_atomic(run_dir / "plan.json", plan_table(runs))
     train_cfg = dataclasses.asdict(suite.train)
-    if suite.train.threads:  # the runs use this many threads: so does their MFU denominator
-        import torch
-
-        torch.set_num_threads(suite.train.threads)
-    peak = measure_matmul_peak("cuda" if _cuda_wanted(suite.train.device) else "cpu")
-    log(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (MFU denominator)")
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
                   "run_dir": str(run_dir)}
     ctx = mp.get_context("spawn")
@@ -342,7 +342,7 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
             f"{spec.config.layer_plan}, {spec.plan.steps} steps x "
             f"{spec.plan.tokens_per_step} tokens")
         proc = ctx.Process(target=_child_main, name=f"mor-bench-{spec.run_id}",
-                           args=(spec, suite_info, str(run_dir), train_cfg, peak))
+                           args=(spec, suite_info, str(run_dir), train_cfg))
         proc.start()
         proc.join()
         rec_file = run_dir / spec.run_id / "record.json"
@@ -369,12 +369,6 @@ def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:
     t = suite.train
     plan = plan_training(cfg, spec.budget, suite.data.seq_len, t.batch_size, t.grad_accum)
     return dataclasses.replace(spec, config=cfg, plan=plan)
-
-
-def _cuda_wanted(device: str) -> bool:
-    import torch
-
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def dry_run(suite: Suite) -> list[dict[str, Any]]:

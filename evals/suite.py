@@ -160,7 +160,11 @@ def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
     values = values if isinstance(values, list) else [values]
     if not values:
         raise ConfigError(f"{source}: {where}.{kind} is empty")
-    if len({f"{float(v):.6g}" for v in values if isinstance(v, (int, float))}) != len(values):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{source}: {where}.{kind} must hold numbers, got {values!r}")
+    if kind == "tokens" and any(float(v) != int(v) for v in values):
+        raise ConfigError(f"{source}: {where}.tokens must be whole numbers, got {values!r}")
+    if len({f"{float(v):.6g}" for v in values}) != len(values):
         raise ConfigError(f"{source}: {where}.{kind} lists the same budget twice ({values}); "
                           "budgets must differ in their first 6 significant digits")
     try:

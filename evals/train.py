@@ -75,8 +75,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train field 'device': 'cuda' requested but no CUDA device is "
-                          "available; use device = \"auto\" or \"cpu\"")
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use "
+                          "device auto or cpu")
     return torch.device(name)
 
 

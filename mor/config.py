@@ -364,4 +364,10 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return ModelConfig.from_dict({**self.to_dict(), **changes})
+        data = self.to_dict()
+        if self.family == "mor" and changes.get("router", self.router) != self.router:
+            # Defaults that followed the old router follow the new one.
+            for name, value in _ROUTER_DEFAULTS[self.router].items():
+                if name not in changes and data[name] == value:
+                    data[name] = None
+        return ModelConfig.from_dict({**data, **changes})

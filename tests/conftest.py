@@ -76,3 +76,11 @@ def write_suite(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def micro_suite_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MICRO_SUITE written once per session (for module-scoped fixtures that train it)."""
+    path = tmp_path_factory.mktemp("micro-suite") / "suite.toml"
+    path.write_text(MICRO_SUITE)
+    return path

@@ -7,7 +7,9 @@ per run as `mor-bench run` always does).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import subprocess
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -22,12 +25,13 @@ from evals.cli import main
 from evals.records import SCHEMA, load_records
 from evals.runner import _child_main, make_run_dir
 from evals.suite import load_suite, plan_runs
+from evals.synthetic import DIFFICULTY_CLASSES
 from evals.train import evaluate_nll
 from mor import load_checkpoint
 from mor.config import PRESETS
 from reports.table import render_report
 
-SUBCOMMANDS = ("models", "suites", "run", "report", "peak-flops")
+SUBCOMMANDS = ("models", "suites", "run", "report", "route", "peak-flops", "bench-train")
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -65,6 +69,9 @@ def test_top_level_help(capsys):
     ("run", ["suite", "--out", "--corpus", "--cache-dir", "--dry-run", "--json"]),
     ("report", ["run_dir", "--json"]),
     ("peak-flops", ["--device", "--size", "--json"]),
+    ("route", ["checkpoint", "--text", "--file", "--routing", "--json"]),
+    ("bench-train", ["--preset", "--family", "--num-recursions", "--seq-len", "--batch-size",
+                     "--steps", "--device", "--json"]),
 ])
 def test_subcommand_help(capsys, command, options):
     with pytest.raises(SystemExit) as e:
@@ -200,6 +207,18 @@ BAD_SUITES = {
                                   ["[train]", "'betas'", "2 numbers"]),
     "section not a table": ({"seeds = [0]": 'seeds = [0]\ndefaults = "micro"',
                              '[defaults]\npreset = "micro"\n': ""}, ["[defaults]", "table"]),
+    # Two runs with the same id would overwrite each other's directory.
+    "duplicate seeds": ({"seeds = [0]": "seeds = [0, 0]"}, ["'seeds'", "twice"]),
+    "duplicate flops budgets": ({"tokens = [1024]": "flops = [1e9, 1e9]"},
+                                ["[budget]", "flops", "same budget twice"]),
+    "duplicate token budgets": ({"tokens = [1024]": "tokens = [1024, 1024]"},
+                                ["[budget]", "tokens", "same budget twice"]),
+    # Equal in the 6 significant digits of the run id tag ("1e+09F" for both).
+    "budgets equal to 6 digits": ({"tokens = [1024]": "flops = [1e9, 1.0000001e9]"},
+                                  ["[budget]", "same budget twice", "6 significant digits"]),
+    "duplicate budgets of a model": ({"num_recursions = 2": "num_recursions = 2\n"
+                                                          "budget = {tokens = [2048, 2048]}"},
+                                     ["'mor-2' budget", "same budget twice"]),
 }
 
 
@@ -248,6 +267,113 @@ def test_report_of_missing_dir(capsys, tmp_path):
     assert_one_line_error(err, "nope")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of device = \"cuda\" "
+                    "on a machine without CUDA; this one has CUDA")
+def test_cuda_device_without_cuda_fails_before_any_run_dir(capsys, tmp_path, write_suite):
+    suite = write_suite(replace={"threads = 1": 'threads = 1\ndevice = "cuda"'})
+    out_root = tmp_path / "runs"
+    cache = tmp_path / "cache"
+    # A real run (not --dry-run): the device is checked before data, directories, training.
+    rc, _, err = run_cli(capsys, "run", str(suite), "--out", str(out_root),
+                         "--cache-dir", str(cache))
+    assert rc == 2
+    assert_one_line_error(err, "'cuda'", "device")
+    assert not out_root.exists()
+    assert not cache.exists() or not any(cache.iterdir())  # no data was prepared either
+
+
+@pytest.mark.parametrize("suite_arg", ["smoke", None])
+def test_dry_run_checks_an_explicit_corpus(capsys, tmp_path, write_suite, suite_arg):
+    suite = suite_arg or str(write_suite())
+    out_root = tmp_path / "runs"
+    rc, out, err = run_cli(capsys, "run", suite, "--dry-run", "--out", str(out_root),
+                           "--corpus", "/nonexistent/x.jsonl")
+    assert rc == 2
+    assert out == ""  # no plan printed for a corpus that cannot be read
+    assert_one_line_error(err, "/nonexistent/x.jsonl")
+    assert not out_root.exists()
+
+
+def test_dry_run_with_a_readable_corpus(capsys, tmp_path, write_suite):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to train on\n")
+    rc, out, _ = run_cli(capsys, "run", str(write_suite()), "--dry-run", "--json",
+                         "--corpus", str(corpus))
+    assert rc == 0
+    assert [r["model"] for r in json.loads(out)] == ["vanilla", "mor-2"]
+
+
+# --------------------------------------------------------------------------------------------
+# models, peak-flops, bench-train: bad options, and a tiny benchmark
+
+
+@pytest.mark.parametrize("values", [["9"], ["0"], ["2", "5"]])
+def test_models_rejects_recursions_out_of_range(capsys, values):
+    rc, out, err = run_cli(capsys, "models", "--recursions", *values)
+    assert rc == 2
+    assert out == ""
+    bad = [v for v in values if not 1 <= int(v) <= 4]
+    assert_one_line_error(err, "--recursions", *bad, "1..4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA; this "
+                    "machine has CUDA")
+def test_peak_flops_cuda_without_cuda(capsys):
+    rc, out, err = run_cli(capsys, "peak-flops", "--device", "cuda")
+    assert rc == 2
+    assert out == ""
+    assert_one_line_error(err, "'cuda'", "no CUDA device")
+
+
+def test_peak_flops_rejects_tiny_size(capsys):
+    rc, _, err = run_cli(capsys, "peak-flops", "--size", "8")
+    assert rc == 2
+    assert_one_line_error(err, "--size 8")
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_bench_train_rejects_no_timed_steps(capsys, steps):
+    rc, out, err = run_cli(capsys, "bench-train", "--steps", steps)
+    assert rc == 2
+    assert out == ""
+    assert_one_line_error(err, f"--steps {steps}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny ops on 2 busy cores are far slower with more (OpenMP spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_train_json(capsys, monkeypatch, one_thread):
+    import evals.bench
+    from evals.runner import measure_matmul_peak
+
+    # A real peak measurement, on 256x256 matrices instead of 1024x1024 (seconds saved).
+    monkeypatch.setattr(evals.bench, "measure_matmul_peak",
+                        lambda device, size=1024, repeats=7: measure_matmul_peak(device, 256))
+    rc, out, _ = run_cli(capsys, "bench-train", "--preset", "micro", "--steps", "2",
+                         "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--json")
+    assert rc == 0
+    res = json.loads(out)
+    assert (res["preset"], res["family"], res["seq_len"], res["batch_size"], res["steps"]) == (
+        "micro", "vanilla", 32, 2, 2)
+    assert res["device"] == "cpu" and res["threads"] == 1
+    # MFU is taken against the mean of the peaks measured before and after the steps.
+    peak = (res["matmul_peak_before"] + res["matmul_peak_after"]) / 2
+    assert res["matmul_peak_flops_per_s"] == pytest.approx(peak)
+    rows = res.get("variants", [res])  # one row per model variant (a single one here)
+    assert len(rows) == 1
+    for row in rows:
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["median_step_s"])
+        assert row["mfu"] > 0
+        assert row["mfu"] == pytest.approx(row["achieved_flops_per_s"] / peak)
+
+
 # --------------------------------------------------------------------------------------------
 # a tiny end-to-end run
 
@@ -283,20 +409,51 @@ def _check_run_dir(run_dir: Path, run_ids: list[str]) -> dict[str, dict]:
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class E2ERun:
+    args: list[str]        # the `mor-bench run ... --json` command line
+    rc: int
+    stdout: str            # what `main` printed on (Python-level) stdout
+    suite_path: Path
+    out_root: Path
+    run_ids: list[str]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(json.loads(self.stdout)["run_dir"])
+
+    def sub(self, family: str) -> Path:
+        """The run subdirectory (checkpoint) of the one run of `family` ("vanilla"/"mor")."""
+        ids = [i for i in self.run_ids if i.startswith("mor-" if family == "mor" else family)]
+        assert len(ids) == 1, ids
+        return self.run_dir / ids[0]
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, micro_suite_file) -> E2ERun:
+    """The micro suite (vanilla + MoR N_r=2, a few steps each), trained ONCE for this module
+    by `mor-bench run --json`; tests read its run directory, none trains again except the
+    determinism check of test_end_to_end_micro_suite."""
+    root = tmp_path_factory.mktemp("e2e")
+    out_root = root / "runs"
+    args = ["run", str(micro_suite_file), "--out", str(out_root), "--json",
+            "--cache-dir", str(root / "cache")]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(args)
+    run_ids = [r.run_id for r in plan_runs(load_suite(str(micro_suite_file)))]
+    return E2ERun(args, rc, stdout.getvalue(), micro_suite_file, out_root, run_ids)
+
+
 @pytest.mark.slow
-def test_end_to_end_micro_suite(capfd, tmp_path, write_suite):
-    suite_path = write_suite()
-    out_root = tmp_path / "runs"
-    args = ["run", str(suite_path), "--out", str(out_root), "--json",
-            "--cache-dir", str(tmp_path / "cache")]
-    rc = main(args)
-    out, err = capfd.readouterr()  # fd-level: includes what the run processes print
-    assert rc == 0, err
-    payload = json.loads(out)  # stdout holds the JSON document and nothing else
+def test_end_to_end_micro_suite(capfd, e2e):
+    assert e2e.rc == 0
+    payload = json.loads(e2e.stdout)  # stdout holds the JSON document and nothing else
     run_dir = Path(payload["run_dir"])
+    out_root = e2e.out_root
     assert run_dir.parent == out_root and run_dir.is_dir()
     assert payload["failed"] == []
-    run_ids = [r.run_id for r in plan_runs(load_suite(str(suite_path)))]
+    run_ids = e2e.run_ids
     assert sorted(payload["records"]) == sorted(run_ids)
     assert {row["model"] for row in payload["table"]} == {"vanilla", "mor-2"}
 
@@ -307,7 +464,7 @@ def test_end_to_end_micro_suite(capfd, tmp_path, write_suite):
     md = (run_dir / "report.md").read_text()
     assert "| vanilla |" in md and "| mor-2 |" in md  # one table row per model
     assert (run_dir / "report.csv").is_file()
-    assert (run_dir / "suite.toml").read_text() == suite_path.read_text()
+    assert (run_dir / "suite.toml").read_text() == e2e.suite_path.read_text()
     assert len(json.loads((run_dir / "plan.json").read_text())) == len(run_ids)
 
     rc = main(["report", str(run_dir), "--json"])
@@ -320,10 +477,10 @@ def test_end_to_end_micro_suite(capfd, tmp_path, write_suite):
 
     # The same suite again into the same --out: a new run directory, the same numbers
     # (same seeds, one thread per run).
-    rc = main(args)
-    out, err = capfd.readouterr()
+    rc = main(e2e.args)
+    out, err = capfd.readouterr()  # fd-level: includes what the run processes print
     assert rc == 0, err
-    run_dir2 = Path(json.loads(out)["run_dir"])
+    run_dir2 = Path(json.loads(out)["run_dir"])  # stdout: the JSON document, nothing else
     assert run_dir2 != run_dir and run_dir2.parent == out_root
     assert run_dir.is_dir() and (run_dir / "report.md").is_file()
     for run_id in run_ids:
@@ -345,7 +502,7 @@ def test_failed_run_writes_failure_record(tmp_path, write_suite):
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
                   "run_dir": str(run_dir)}
     with pytest.raises(SystemExit) as e:
-        _child_main(spec, suite_info, str(run_dir), dataclasses.asdict(suite.train), None)
+        _child_main(spec, suite_info, str(run_dir), dataclasses.asdict(suite.train))
     assert e.value.code == 1
 
     rec = json.loads((run_dir / spec.run_id / "record.json").read_text())
@@ -362,3 +519,173 @@ def test_failed_run_writes_failure_record(tmp_path, write_suite):
     assert "## Failed runs" in md
     failed_section = md.split("## Failed runs", 1)[1]
     assert spec.run_id in failed_section and "FileNotFoundError" in failed_section
+
+
+# --------------------------------------------------------------------------------------------
+# route: per-token depths from the MoR checkpoint of the end-to-end run
+
+ROUTE_TEXT = "12 + 39 = 51. the cat sat."
+
+
+def _route_json(capsys, checkpoint: Path, *extra: str) -> dict:
+    rc, out, err = run_cli(capsys, "route", str(checkpoint), "--text", ROUTE_TEXT, "--json",
+                           *extra)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def _check_routed(routed: dict, num_recursions: int) -> list[int]:
+    tokens = routed["tokens"]
+    assert "".join(t["text"] for t in tokens) == ROUTE_TEXT  # byte tokenizer, ASCII text
+    assert [t["id"] for t in tokens] == list(ROUTE_TEXT.encode())
+    depths = [t["depth"] for t in tokens]
+    assert all(type(d) is int and 0 <= d <= num_recursions for d in depths), depths
+    assert routed["num_recursions"] == num_recursions
+    return depths
+
+
+@pytest.mark.slow
+def test_route_json(capsys, e2e):
+    sub = e2e.sub("mor")
+    cfg = load_checkpoint(sub).cfg
+    assert (cfg.router, cfg.eval_routing, cfg.num_recursions) == ("expert", "topk", 2)
+    routed = _route_json(capsys, sub)
+    assert routed["routing"] == "topk"  # the checkpoint's own evaluation routing
+    depths = _check_routed(routed, 2)
+    # Top-k: step 1 (capacity 1) takes every token, step 2 the top floor(T/2) of them.
+    t = len(ROUTE_TEXT)
+    assert min(depths) == 1
+    assert sum(d == 2 for d in depths) == t // 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_route_routing_option(capsys, e2e, routing):
+    routed = _route_json(capsys, e2e.sub("mor"), "--routing", routing)
+    assert routed["routing"] == routing
+    depths = _check_routed(routed, 2)
+    assert min(depths) == 1  # capacity-1 first step keeps every token in both modes
+    if routing == "causal":
+        # Causal: a token's depth depends on itself and the tokens BEFORE it only, so the
+        # depths of a prefix are the prefix of the depths.
+        rc, out, err = run_cli(capsys, "route", str(e2e.sub("mor")), "--json", "--routing",
+                               "causal", "--text", ROUTE_TEXT[:10])
+        assert rc == 0, err
+        assert [tok["depth"] for tok in json.loads(out)["tokens"]] == depths[:10]
+
+
+@pytest.mark.slow
+def test_route_file_equals_text(capsys, tmp_path, e2e):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(ROUTE_TEXT)
+    rc, out, err = run_cli(capsys, "route", str(e2e.sub("mor")), "--file", str(text_file),
+                           "--json")
+    assert rc == 0, err
+    assert json.loads(out) == _route_json(capsys, e2e.sub("mor"))
+
+
+@pytest.mark.slow
+def test_route_terminal_output(capsys, e2e):
+    rc, out, err = run_cli(capsys, "route", str(e2e.sub("mor")), "--text", ROUTE_TEXT)
+    assert rc == 0, err
+    assert "depth:" in out  # the legend
+    assert "the cat sat." in out
+    assert "routing topk" in out
+    assert "tokens per depth:" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["both", "neither"])
+def test_route_needs_exactly_one_text_source(capsys, tmp_path, e2e, how):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(ROUTE_TEXT)
+    extra = ["--text", ROUTE_TEXT, "--file", str(text_file)] if how == "both" else []
+    rc, out, err = run_cli(capsys, "route", str(e2e.sub("mor")), *extra)
+    assert rc == 2
+    assert out == ""
+    assert_one_line_error(err, "--text", "--file")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["vanilla checkpoint", "missing file", "not a checkpoint",
+                                  "empty text"])
+def test_route_bad_input(capsys, tmp_path, e2e, case):
+    checkpoint, extra, needles = {
+        "vanilla checkpoint": (e2e.sub("vanilla"), ["--text", ROUTE_TEXT],
+                               ["only MoR models route tokens", "a vanilla model"]),
+        "missing file": (e2e.sub("mor"), ["--file", str(tmp_path / "nope.txt")],
+                         ["nope.txt", "does not exist"]),
+        "not a checkpoint": (e2e.run_dir, ["--text", ROUTE_TEXT], ["not a mor-bench checkpoint"]),
+        "empty text": (e2e.sub("mor"), ["--text", ""], ["empty"]),
+    }[case]
+    rc, out, err = run_cli(capsys, "route", str(checkpoint), *extra)
+    assert rc == 2
+    assert out == ""
+    assert_one_line_error(err, *needles)
+
+
+# --------------------------------------------------------------------------------------------
+# what the end-to-end run recorded for MoR
+
+
+@pytest.mark.slow
+def test_e2e_records_routing_fields(e2e):
+    recs = {r["family"]: r for r in load_records(e2e.run_dir)}
+    mor, vanilla = recs["mor"], recs["vanilla"]
+    assert (mor["router"], mor["kv"], mor["eval_routing"]) == ("expert", "cache", "topk")
+    for key in ("router", "kv", "eval_routing"):
+        assert key in vanilla and vanilla[key] is None
+
+    m = mor["metrics"]
+    # Expert-choice is evaluated under both routings; val_nll is the configured (top-k) one.
+    assert set(m["val_nll_by_routing"]) == {"topk", "causal"}
+    assert all(math.isfinite(v) for v in m["val_nll_by_routing"].values())
+    assert m["val_nll"] == m["val_nll_by_routing"]["topk"]
+    assert set(m["val_routing_by_mode"]) == {"topk", "causal"}
+    assert 0 <= m["val_routing_by_mode"]["topk"]["sampling_acc"] <= 1
+    assert vanilla["metrics"]["val_nll_by_routing"] == {}
+    assert vanilla["metrics"]["depth_by_mode"] == {}
+
+    val_tokens = m["val_tokens"]
+    assert set(m["depth_by_mode"]) == {"topk", "causal"}
+    for mode, summary in m["depth_by_mode"].items():
+        assert 1 <= summary["mean_depth"] <= 2, mode  # N_r = 2, step 1 keeps every token
+        assert sum(summary["depth_share"].values()) == pytest.approx(1.0)
+        assert summary["depth_share"]["0"] == 0.0
+        by_class = summary["by_class"]  # the synthetic corpus labels token difficulty
+        assert by_class and set(by_class) <= set(DIFFICULTY_CLASSES), mode
+        assert sum(c["tokens"] for c in by_class.values()) == val_tokens
+        mean = sum(c["mean_depth"] * c["tokens"] for c in by_class.values()) / val_tokens
+        assert mean == pytest.approx(summary["mean_depth"], rel=1e-5)
+    # Top-k at evaluation keeps floor(T/2) of every T-token window at step 2.
+    seq_len = mor["data"]["seq_len"]
+    assert m["depth_by_mode"]["topk"]["mean_depth"] == pytest.approx(
+        1 + (seq_len // 2) / seq_len)
+
+    for rec in (mor, vanilla):
+        eff = rec["metrics"]["flops_per_token_effective"]
+        assert math.isfinite(eff) and eff > 0
+        assert rec["metrics"]["flops_used_effective"] == pytest.approx(
+            eff * rec["metrics"]["tokens"])
+    assert vanilla["metrics"]["flops_per_token_effective"] == vanilla["plan"]["flops_per_token"]
+    assert m["flops_per_token_effective"] < vanilla["metrics"]["flops_per_token_effective"]
+
+
+@pytest.mark.slow
+def test_e2e_report_columns(e2e):
+    table = render_report(e2e.run_dir)["table"]
+    for col in ("router", "kv", "eval_routing", "sampling_acc", "dead_token_ratio",
+                "rel_params", "rel_tokens", "rel_flops_per_token"):
+        assert col in table.columns, col
+    rows = {r["family"]: r for r in table.to_dict(orient="records")}
+    mor, vanilla = rows["mor"], rows["vanilla"]
+    assert (mor["router"], mor["kv"], mor["eval_routing"]) == ("expert", "cache", "topk")
+    assert vanilla["router"] is None or pd.isna(vanilla["router"])
+    assert vanilla["rel_params"] == vanilla["rel_tokens"] == vanilla["rel_flops_per_token"] == 1
+    assert mor["rel_params"] < 1  # shared layers
+    assert mor["rel_tokens"] == 1  # a token budget: both trained on the same tokens
+    assert mor["rel_flops_per_token"] < 1
+    assert 0 <= mor["sampling_acc"] <= 1 and 0 <= mor["dead_token_ratio"] <= 1
+    assert math.isnan(vanilla["sampling_acc"]) and math.isnan(vanilla["dead_token_ratio"])
+    md = (e2e.run_dir / "report.md").read_text()
+    assert "| expert | cache |" in md

@@ -2,8 +2,10 @@
 
 tests/fixtures/records/ is a hand-made suite run: vanilla, recursive-2 and mor-2 at a
 1e12-FLOPs budget (mor-2 with two seeds, recursive-2 without `val_bpb` and with a null
-`mfu`), vanilla and mor-2 at 2e12, and a failed mor-3 run. Expected values below are
-computed from those files, not typed in.
+`mfu`), vanilla and mor-2 at 2e12, and a failed mor-3 run. The two 1e12 mor-2 records carry
+what newer runs record for MoR (router, kv, routing diagnostics per evaluation mode,
+effective FLOPs/token); the 2e12 one, like older records, does not. Expected values below
+are computed from those files, not typed in.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from evals.cli import main
 from evals.records import load_records
 from mor.errors import MorBenchError
 from reports.table import comparison_table, format_table, render_report, to_markdown
@@ -40,7 +44,7 @@ def _ok(records, model: str, budget: float) -> list[dict]:
 
 
 def _row(table: pd.DataFrame, model: str, budget: float) -> pd.Series:
-    rows = table[(table["model"] == model) & (table["budget"] == f"{budget:.3g} flops")]
+    rows = table[(table["model"] == model) & (table["budget"] == f"{budget:.6g} flops")]
     assert len(rows) == 1, f"expected one row for {model} at {budget}, got {len(rows)}"
     return rows.iloc[0]
 
@@ -185,3 +189,144 @@ def test_load_records_empty_or_missing(tmp_path):
         load_records(tmp_path)
     with pytest.raises(MorBenchError, match="does not exist"):
         load_records(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------
+# columns added for MoR variants, and relative params / FLOPs / tokens
+
+
+def test_routing_columns(records, table):
+    runs = _ok(records, "mor-2", 1e12)
+    row = _row(table, "mor-2", 1e12)
+    assert (row["family"], row["router"], row["kv"], row["eval_routing"]) == (
+        "mor", "expert", "cache", "topk")
+    topk = [r["metrics"]["val_routing_by_mode"]["topk"] for r in runs]
+    # Diagnostics are the top-k ones (the paper's), averaged over seeds, never the causal.
+    assert row["sampling_acc"] == pytest.approx(sum(t["sampling_acc"] for t in topk) / 2)
+    assert row["dead_token_ratio"] == pytest.approx(sum(t["dead_token_ratio"] for t in topk) / 2)
+    causal = [r["metrics"]["val_routing_by_mode"]["causal"]["dead_token_ratio"] for r in runs]
+    assert row["dead_token_ratio"] != pytest.approx(sum(causal) / 2)
+    assert row["val_nll_causal"] == pytest.approx(
+        sum(r["metrics"]["val_nll_by_routing"]["causal"] for r in runs) / 2)
+    assert row["flops_per_token_effective"] == pytest.approx(
+        sum(r["metrics"]["flops_per_token_effective"] for r in runs) / 2)
+
+    md = {(r["model"], r["budget"]): r for r in _markdown_rows(to_markdown(table))}
+    mor = md[("mor-2", "1e+12 flops")]
+    assert (mor["router"], mor["kv"], mor["eval_routing"]) == ("expert", "cache", "topk")
+    assert mor["sampling_acc"] == f"{100 * row['sampling_acc']:.1f}%"
+    assert mor["dead_token_ratio"] == f"{100 * row['dead_token_ratio']:.1f}%"
+    # A record without the diagnostics (older, or a vanilla model) shows dashes.
+    for key in [("mor-2", "2e+12 flops"), ("vanilla", "1e+12 flops")]:
+        assert md[key]["sampling_acc"] == md[key]["dead_token_ratio"] == "-", key
+    assert md[("vanilla", "1e+12 flops")]["router"] == "-"
+
+
+@pytest.mark.parametrize("budget", [1e12, 2e12])
+def test_relative_params_flops_tokens(records, table, budget):
+    v = _ok(records, "vanilla", budget)[0]
+    base = _row(table, "vanilla", budget)
+    assert base["rel_params"] == base["rel_flops_per_token"] == base["rel_tokens"] == 1.0
+    for model in {r["model_name"] for r in records if r["status"] == "ok"
+                  and r["budget"]["value"] == budget} - {"vanilla"}:
+        runs = _ok(records, model, budget)
+        row = _row(table, model, budget)
+        assert row["rel_params"] == pytest.approx(
+            runs[0]["params"]["non_embedding"] / v["params"]["non_embedding"])
+        assert row["rel_flops_per_token"] == pytest.approx(
+            runs[0]["plan"]["flops_per_token"] / v["plan"]["flops_per_token"])
+        tokens = sum(r["metrics"]["tokens"] for r in runs) / len(runs)
+        assert row["rel_tokens"] == pytest.approx(tokens / v["metrics"]["tokens"])
+    # At equal FLOPs, a model cheaper per token trains on proportionally more tokens.
+    mor = _row(table, "mor-2", budget)
+    assert mor["rel_flops_per_token"] < 1 < mor["rel_tokens"]
+    md = {r["model"]: r for r in _markdown_rows(to_markdown(table))
+          if r["budget"] == f"{budget:.6g} flops"}
+    assert md["mor-2"]["rel_tokens"] == f"{mor['rel_tokens']:.2f}x"
+
+
+# --------------------------------------------------------------------------------------------
+# budgets: 6 significant digits, numeric order
+
+
+@pytest.fixture
+def rebudget(tmp_path) -> Callable[[dict[str, float]], Path]:
+    """Copy fixture records {run_id: new FLOPs budget} into one suite run directory."""
+
+    def make(budgets: dict[str, float]) -> Path:
+        run_dir = tmp_path / "rebudgeted"
+        for run_id, value in budgets.items():
+            rec = json.loads((FIXTURES / run_id / "record.json").read_text())
+            rec["budget"]["value"] = value
+            (run_dir / run_id).mkdir(parents=True)
+            (run_dir / run_id / "record.json").write_text(json.dumps(rec))
+        return run_dir
+
+    return make
+
+
+def test_budgets_sort_numerically(rebudget):
+    run_dir = rebudget({"vanilla-1e12F-s0": 1.2e12, "mor-2-1e12F-s0": 1.2e12,
+                        "vanilla-2e12F-s0": 9e11, "mor-2-2e12F-s0": 9e11})
+    table = comparison_table(load_records(run_dir))
+    # As strings "1.2e+12 flops" < "9e+11 flops"; as numbers 9e11 comes first.
+    assert list(table["budget"]) == ["9e+11 flops"] * 2 + ["1.2e+12 flops"] * 2
+    assert list(table["model"]) == ["vanilla", "mor-2", "vanilla", "mor-2"]
+    # Relative columns still pair each MoR row with the vanilla row of ITS budget.
+    recs = {r["run_id"]: r for r in load_records(run_dir)}
+    assert table.loc[1, "rel_val_nll"] == pytest.approx(
+        recs["mor-2-2e12F-s0"]["metrics"]["val_nll"]
+        - recs["vanilla-2e12F-s0"]["metrics"]["val_nll"])
+    md_budgets = [r["budget"] for r in _markdown_rows(to_markdown(table))]
+    assert md_budgets == ["9e+11 flops"] * 2 + ["1.2e+12 flops"] * 2
+
+
+def test_budgets_keep_six_significant_digits(rebudget):
+    # Budgets that agree to 3 digits are different rows, labelled apart.
+    run_dir = rebudget({"vanilla-1e12F-s0": 1.23456e12, "vanilla-2e12F-s0": 1.23412e12})
+    table = comparison_table(load_records(run_dir))
+    assert list(table["budget"]) == ["1.23412e+12 flops", "1.23456e+12 flops"]
+    assert list(table["seeds"]) == [1, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# one report = one suite run
+
+
+def _two_copies(tmp_path, second_run_dir: str | None) -> Path:
+    parent = tmp_path / "parent"
+    shutil.copytree(FIXTURES, parent / "a")
+    shutil.copytree(FIXTURES, parent / "b")
+    if second_run_dir is not None:
+        for f in (parent / "b").rglob("record.json"):
+            rec = json.loads(f.read_text())
+            rec["suite"]["run_dir"] = second_run_dir
+            f.write_text(json.dumps(rec))
+    return parent
+
+
+def test_report_refuses_records_of_two_suite_runs(capsys, tmp_path):
+    parent = _two_copies(tmp_path, "runs/fixture-20261129-000000-abcdef")
+    with pytest.raises(MorBenchError, match="2 suite runs"):
+        load_records(parent)
+    rc = main(["report", str(parent)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mor-bench: error:"), err
+    assert "holds records of 2 suite runs" in lines[0]
+    assert str(parent) in lines[0] and "pass one run directory" in lines[0]
+    assert out == ""
+    assert not (parent / "report.md").exists() and not (parent / "report.csv").exists()
+    # Each copy on its own is a fine report.
+    assert main(["report", str(parent / "b")]) == 0
+
+
+def test_report_refuses_duplicate_run_ids(capsys, tmp_path):
+    # Two copies of the same suite run (same suite.run_dir): the seeds would count twice.
+    parent = _two_copies(tmp_path, None)
+    rc = main(["report", str(parent)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("mor-bench: error:") and "pass one run directory" in err
+    assert not (parent / "report.md").exists()

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
+import resource
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from evals.budget import Budget, TrainPlan, plan_training, wsd_lr
 from evals.data import iterate_batches
-from evals.train import TrainConfig, evaluate_nll, param_groups, train
+from evals.train import TrainConfig, evaluate_nll, param_groups, peak_memory, train
 from mor import ConfigError, ModelConfig, build_model
 from mor.flops import flops_per_token
 
@@ -429,3 +433,80 @@ def test_evaluate_nll_mor_has_routing_stats(micro_data):
         assert res[f"val_selected_frac/r{r}"] == pytest.approx(
             max(1, math.floor(cap * SEQ_LEN)) / SEQ_LEN)
         assert 0 < res[f"val_gate_mean/r{r}"] < cfg.router_alpha
+
+
+# --------------------------------------------------------------------------------------------
+# peak memory
+
+MB = 2**20
+ON_LINUX = sys.platform.startswith("linux") and Path("/proc/self/status").is_file()
+needs_proc = pytest.mark.skipif(not ON_LINUX, reason="the CPU peak is VmHWM from "
+                                "/proc/self/status, which only Linux provides")
+
+
+def _proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in bytes, read independently."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            kb, unit = line.split()[1:3]
+            assert unit == "kB"
+            return int(kb) * 1024
+    raise AssertionError(f"no {field} line in /proc/self/status")
+
+
+def _vm_hwm() -> int:
+    return _proc_status("VmHWM")
+
+
+@needs_proc
+def test_cpu_peak_memory_is_this_process_peak():
+    rss_before = _proc_status("VmRSS")
+    big = np.ones(100 * MB // 8)  # 100 MB on top of what is resident now, pages touched
+    try:
+        peak, kind = peak_memory(CPU)
+        hwm_after = _vm_hwm()
+    finally:
+        del big
+    assert kind == "process_peak_rss"
+    assert rss_before + 95 * MB <= peak <= hwm_after
+
+
+@needs_proc
+def test_cpu_peak_memory_is_per_process():
+    """A run process started with "spawn" (as the runner starts them) reports its own peak,
+    not the peak its parent reached before starting it (ru_maxrss would: Linux carries it
+    over fork and exec)."""
+    big = np.ones(400 * MB // 8)  # 400 MB, touched
+    try:
+        parent_hwm = _vm_hwm()
+        assert parent_hwm >= 400 * MB
+        with mp.get_context("spawn").Pool(1) as pool:
+            child_peak, child_kind = pool.apply(peak_memory, (CPU,))
+    finally:
+        del big
+    assert child_kind == "process_peak_rss"
+    assert 0 < child_peak < parent_hwm - 300 * MB, (child_peak / MB, parent_hwm / MB)
+
+
+def test_cpu_peak_memory_falls_back_to_max_rss(monkeypatch):
+    import evals.train
+
+    class NoProc(type(Path())):
+        def read_text(self, *args, **kwargs):
+            raise OSError("no /proc here")
+
+    monkeypatch.setattr(evals.train, "Path", NoProc)
+    peak, kind = peak_memory(CPU)
+    assert kind == "process_max_rss"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak == (rss if sys.platform == "darwin" else rss * 1024)
+
+
+@needs_proc
+def test_train_records_cpu_peak_kind(micro_data, single_thread):
+    cfg = _micro()
+    plan = plan_training(cfg, Budget(tokens=2 * 4 * SEQ_LEN), SEQ_LEN, 4)
+    res = train(_build(cfg), iterate_batches(micro_data.train.windows, 4, seed=0), plan,
+                TrainConfig(batch_size=4), warmup_steps=1, device=CPU)
+    assert res.peak_mem_kind == "process_peak_rss"
+    assert 0 < res.peak_mem_bytes <= _vm_hwm()
