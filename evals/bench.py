@@ -70,8 +70,9 @@ def bench_variants(preset: str, family: str = "vanilla", num_recursions: int = 1
     variants = variants or [{}]
     models = []
     for overrides in variants:
-        cfg = ModelConfig.from_preset(preset, family=family, num_recursions=num_recursions,
-                                      **overrides)
+        # Overrides may change the family too (e.g. family=recursive beside MoR variants).
+        cfg = ModelConfig.from_preset(preset, **{"family": family,
+                                                 "num_recursions": num_recursions, **overrides})
         if seq_len > cfg.max_seq_len:
             cfg = cfg.replace(max_seq_len=seq_len)
         torch.manual_seed(seed)

@@ -175,15 +175,16 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     device = resolve_device(tcfg.device)
+    # The MFU denominator, measured by this process with its thread count right before it
+    # trains, so a busy machine depresses numerator and denominator alike. (Before seeding:
+    # its random matrices must not shift the model's initialisation.)
+    peak_flops = measure_matmul_peak(device.type)
     torch.manual_seed(spec.seed)
     data_dir = run_dir / "data"
     data_meta = json.loads((data_dir / "data.json").read_text())
     # Kept compact (uint16/int32): iterate_batches widens each batch to int64.
     train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int32))
     val_windows = torch.from_numpy(np.load(data_dir / "val.npy").astype(np.int64))
-    # The MFU denominator, measured by this process with its thread count right before it
-    # trains, so a busy machine depresses numerator and denominator alike.
-    peak_flops = measure_matmul_peak(device.type)
     model = build_model(spec.config)
     batches = iterate_batches(train_windows, tcfg.batch_size, seed=spec.seed)
     result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,

@@ -164,6 +164,11 @@ def render_report(run_dir: str | Path) -> dict[str, Any]:
         "NOT causal: later tokens decide which earlier tokens recurse). `val_nll_causal` "
         "routes each token by its own router (sigmoid > 0.5) and is causal."
         if any(r.get("eval_routing") == "topk" for r in ok) else "",
+        "- `sampling_acc` / `dead_token_ratio` (expert-choice, validation under top-k): how "
+        "often the causal rule agrees with top-k membership / share of positions no sequence "
+        "sends through the last step. `maxvio` (token-choice): (max load - mean) / mean. "
+        "`flops_per_token_effective`: the paper convention with the routing the run took."
+        if ok and any(r.get("family") == "mor" for r in ok) else "",
         "", "Relative columns compare with the vanilla model of the same budget in this run "
         "(NLL as a difference, the rest as ratios). Tokens/s and time cover optimizer steps "
         "only; peak memory is "
