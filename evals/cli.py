@@ -4,6 +4,7 @@
     mor-bench suites                              the built-in suites
     mor-bench run SUITE [--dry-run] [--json]      train a suite, write records and a report
     mor-bench report RUN_DIR [--json]             re-render the comparison table
+    mor-bench eval CHECKPOINT --tasks mor_synthetic   few-shot accuracy via lm-eval
     mor-bench route CHECKPOINT --text "..."       tokens coloured by their recursion depth
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
     mor-bench bench-train --preset small          training tokens/s and MFU (variants A/B)
@@ -160,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = format_table(report["table"]).to_dict(orient="records")
         cols = ["model", "layers", "tokens", "val_nll", "val_nll_causal", "rel_val_nll",
                 "train_time_s", "tokens_per_s", "rel_tokens_per_s", "peak_mem_mb", "mfu"]
+        if "fewshot_avg" in report["table"].columns:
+            cols.insert(6, "fewshot_avg")
         _rich_table(f"suite {suite.name}", shown, cols)
         print(f"report: {report['markdown']}")
     if failed:
@@ -219,6 +222,67 @@ def cmd_route(args: argparse.Namespace) -> int:
                       f"({model.cfg.router}-choice, N_r={model.cfg.num_recursions}, routing "
                       f"{routed['routing']})\n")
         console.print(render_routed_text(routed))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Few-shot accuracy of a trained checkpoint through lm-evaluation-harness.
+
+    Task names: "mor_synthetic" (generated from held-out seeds of the synthetic corpus), the
+    offline paper tasks after `mor-bench data benchmarks` ("mor_paper_local" or single ones
+    such as "hellaswag_local"), or any lm-eval task name (those need the Hugging Face Hub).
+    Scores carry lm-eval's stderr and the number of items; MoR's routing mode is recorded."""
+    from evals.lm_tasks import use_offline_if_local
+    from evals.runner import DEFAULT_CACHE
+    from mor.checkpoint import read_checkpoint_meta
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MorBenchError("--tasks needs at least one task name")
+    _, meta = read_checkpoint_meta(args.checkpoint)
+    cfg = meta["model"]
+    is_expert = cfg.get("family") == "mor" and cfg.get("router", "expert") == "expert"
+    if args.routing and not is_expert:
+        raise MorBenchError("--routing applies to expert-choice MoR checkpoints only")
+    cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
+    paths = []
+    if any(t == "mor_synthetic" or t.startswith("mor_synth_") for t in tasks):
+        from evals.fewshot import write_synthetic_tasks
+
+        paths.append(str(write_synthetic_tasks(cache / "fewshot")))
+    if (cache / "benchmarks" / "tasks").is_dir():
+        paths.append(str(cache / "benchmarks" / "tasks"))
+    missing = [t for t in tasks if t.endswith("_local") and not (cache / "benchmarks"
+                                                                  / "tasks").is_dir()]
+    if missing:
+        raise MorBenchError(f"tasks {', '.join(missing)} need the offline benchmark copies; "
+                            "run `mor-bench data benchmarks` first")
+    use_offline_if_local(tasks, paths)
+    from evals.lm_eval_adapter import MorBenchLM, run_tasks
+
+    modes = ["topk", "causal"] if args.routing == "both" else [args.routing]
+    results = {}
+    for mode in modes:
+        lm = MorBenchLM(args.checkpoint, routing=mode, batch_size=args.batch_size,
+                        device=None if args.device == "auto" else args.device)
+        res = run_tasks(lm, tasks, include_paths=paths, num_fewshot=args.num_fewshot,
+                        limit=args.limit)
+        results[lm.routing or "default"] = res
+    if args.json:
+        _print_json({"checkpoint": args.checkpoint, "results": results})
+        return 0
+    from reports.table import task_metric
+
+    rows = []
+    for routing, res in results.items():
+        for task, r in sorted(res["tasks"].items()):
+            metric = task_metric(task)
+            value, err = r["metrics"].get(metric), r["stderr"].get(metric)
+            rows.append({"task": task, "routing": routing, "metric": metric,
+                         "value": "-" if value is None else f"{100 * value:.2f}",
+                         "stderr": "-" if err is None else f"{100 * err:.2f}",
+                         "n": r.get("n") if r.get("n") is not None else "-"})
+    _rich_table(f"{args.checkpoint} ({args.num_fewshot}-shot)", rows, list(rows[0]))
     return 0
 
 
@@ -309,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("report", cmd_report, "render the comparison table of a run directory")
     p.add_argument("run_dir", help="a directory written by `mor-bench run`")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("eval", cmd_eval, "few-shot accuracy of a checkpoint through lm-eval")
+    p.add_argument("checkpoint", help="a run directory (holds model.safetensors)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task/group names, "
+                   "e.g. mor_synthetic or mor_paper_local")
+    p.add_argument("--num-fewshot", type=int, default=0, help="shots per item (default 0)")
+    p.add_argument("--limit", type=int, help="only the first N items of each task")
+    p.add_argument("--routing", choices=["topk", "causal", "both"], help="expert-choice MoR "
+                   "routing (default: the checkpoint's own)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cache-dir", help="where generated and offline tasks live (default: "
+                   "$MOR_BENCH_CACHE or ~/.cache/mor-bench)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("route", cmd_route, "colour a text's tokens by the recursion depth MoR gives them")

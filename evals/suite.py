@@ -30,7 +30,25 @@ from evals.train import TrainConfig
 from mor.config import ModelConfig
 from mor.errors import ConfigError
 
-_TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models"}
+_TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models",
+             "eval"}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """A suite's [eval] table: few-shot tasks run through lm-evaluation-harness after
+    training (expert-choice MoR under both top-k and causal routing)."""
+
+    tasks: tuple[str, ...] = ()
+    """lm-eval task or group names: "mor_synthetic" (generated with the run), the offline
+    paper tasks ("mor_paper_local", "hellaswag_local", ... after `mor-bench data
+    benchmarks`), or any lm-eval task name (needs the Hugging Face Hub)."""
+    num_fewshot: int = 0
+    """Shots per item (the paper's released configs: 0)."""
+    limit: int | None = None
+    """Evaluate only the first `limit` items of each task (quick runs)."""
+    batch_size: int = 32
+    """Requests per forward pass (scores do not depend on it)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,7 @@ class Suite:
     data: DataSettings
     train: TrainConfig
     models: tuple[ModelEntry, ...]
+    evaluation: EvalSettings = EvalSettings()
 
     @property
     def sha256(self) -> str:
@@ -253,8 +272,22 @@ def parse_suite(text: str, source: str) -> Suite:
         except ConfigError as e:
             raise ConfigError(f"{source}: {where}: {e}") from None
         models.append(ModelEntry(mname, cfg, budgets, preset))
+    eval_raw = raw.get("eval", {})
+    _check_keys("[eval]", eval_raw, {f.name for f in dataclasses.fields(EvalSettings)}, source)
+    tasks = eval_raw.get("tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError(f"{source}: [eval] tasks must be a list of lm-eval task names")
+    for key in ("num_fewshot", "batch_size", "limit"):
+        value = eval_raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < (0 if key == "num_fewshot" else 1)):
+            raise ConfigError(f"{source}: [eval] {key} must be a "
+                              f"{'non-negative' if key == 'num_fewshot' else 'positive'} "
+                              f"integer, got {value!r}")
+    evaluation = EvalSettings(**{**eval_raw, "tasks": tuple(tasks)})
     return Suite(name=name, description=str(raw.get("description", "")), source=source,
-                 text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models))
+                 text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
+                 evaluation=evaluation)
 
 
 def plan_runs(suite: Suite) -> list[RunSpec]:

@@ -80,7 +80,8 @@ class CausalLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     # --- the family-specific part: MoR overrides it ------------------------------------------
-    def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None
+    def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None,
+                   lengths: Tensor | None = None
                    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor], Tensor | None]:
         """h [B, T, d] -> (h, weighted aux loss or None, stats, per-token depths or None).
 
@@ -103,15 +104,26 @@ class CausalLM(nn.Module):
 
     # --- shared ------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *,
-                step: int | None = None, collect_kv: bool = False) -> ModelOutput:
+                step: int | None = None, collect_kv: bool = False,
+                lengths: Tensor | None = None) -> ModelOutput:
         """`step`: the training step (drives MoR capacity warm-up; None = warm-up done).
-        `collect_kv`: also return every layer application's keys/values (`out.kv`)."""
+        `collect_kv`: also return every layer application's keys/values (`out.kv`).
+        `lengths` [B]: real tokens per row of a RIGHT-padded batch. Causal attention already
+        keeps padding out of real tokens' outputs; MoR top-k routing additionally computes
+        each row's capacity from its real length and never lets padding compete, so a
+        sequence's outputs do not depend on what else is in its batch."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ConfigError(f"sequence of {t} tokens exceeds max_seq_len="
                               f"{self.cfg.max_seq_len}; raise max_seq_len in the model config")
         kv_log: list[KVEntry] | None = [] if collect_kv else None
-        h, aux, stats, depths = self._run_stack(self.embed(input_ids), step, kv_log)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=input_ids.device)
+            if lengths.shape != (input_ids.shape[0],) or bool(
+                    ((lengths < 1) | (lengths > t)).any()):
+                raise ConfigError(f"lengths must hold one value in 1..{t} per row, got "
+                                  f"{lengths.tolist()}")
+        h, aux, stats, depths = self._run_stack(self.embed(input_ids), step, kv_log, lengths)
         logits = F.linear(self.norm(h), self.embed.weight)  # tied output head
         out = ModelOutput(logits=logits, aux_loss=aux, stats=stats, depths=depths, kv=kv_log)
         if targets is not None:

@@ -137,7 +137,8 @@ class MoRLM(CausalLM):
         return self.cfg.router_alpha * fn(logits)
 
     # --- the stack ---------------------------------------------------------------------------
-    def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None):
+    def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None,
+                   lengths: Tensor | None = None):
         t = h.shape[1]
         cos, sin = self.rope_for(torch.arange(t, device=h.device))
         for i in self.first:
@@ -147,6 +148,8 @@ class MoRLM(CausalLM):
         mode = self.routing_mode
         if mode == "token":
             h, aux, stats, depths = self._token_choice(h, kv_log)
+        elif mode == "topk" and lengths is not None:
+            h, aux, stats, depths = self._expert_topk_ragged(h, lengths, step, kv_log)
         elif mode == "topk":
             h, aux, stats, depths = self._expert_topk(h, step, kv_log)
         else:
@@ -252,6 +255,54 @@ class MoRLM(CausalLM):
         if caps[-1] < 1.0:
             last = torch.zeros(b, t, dtype=torch.bool, device=h.device).scatter_(1, idx, True)
             stats["dead_token_ratio"] = self._dead_ratio(last).detach()
+        return h, aux, stats, depths
+
+    def _expert_topk_ragged(self, h: Tensor, lengths: Tensor, step: int | None, kv_log):
+        """Top-k routing of a right-padded batch: row b's step r keeps its top
+        k_b = max(1, floor(c_r * len_b)) REAL candidates; padding never competes, so each
+        row routes exactly as it would alone (lm-eval batches of mixed lengths)."""
+        cfg = self.cfg
+        b, t, _ = h.shape
+        caps = capacity_schedule(cfg, step)
+        pos = torch.arange(t, device=h.device)
+        idx = pos.expand(b, t)
+        valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # real candidates
+        aux = h.new_zeros((), dtype=torch.float32)
+        stats: dict[str, Tensor] = {}
+        depths = torch.zeros(b, t, dtype=torch.long, device=h.device)
+        kv_store: list = []
+        for r, router in enumerate(self.routers, 1):
+            cand = _gather_tokens(h, idx)
+            logits = router(cand).squeeze(-1).float()
+            k_rows = torch.minimum(valid.sum(1), torch.clamp(
+                torch.floor(caps[r - 1] * lengths.float()).long(), min=1))
+            k = int(k_rows.max())
+            masked = logits.masked_fill(~valid, float("-inf"))
+            by_score = masked.topk(k, dim=-1).indices  # best first
+            keep = torch.arange(k, device=h.device) < k_rows.unsqueeze(1)
+            # Back to causal order, kept tokens first: the compaction layout.
+            order = ((~keep).long() * t + idx.gather(1, by_score)).argsort(dim=1)
+            top = by_score.gather(1, order)
+            step_valid = keep.gather(1, order)
+            member = torch.zeros_like(logits).scatter_(1, top, step_valid.float())
+            if cfg.expert_aux == "loss":
+                bce = F.binary_cross_entropy_with_logits(logits[valid], member[valid])
+                aux = aux + cfg.aux_loss_coef * bce
+            sel_idx = idx.gather(1, top)
+            x = _gather_tokens(cand, top)
+            gate = self._gate(logits.gather(1, top)).unsqueeze(-1).to(x.dtype)
+            all_valid = bool(step_valid.all())
+            y = self._apply_shared(x, sel_idx, None if all_valid else step_valid, r, kv_store,
+                                   kv_log)
+            new = x + gate * y
+            if not all_valid:
+                new = torch.where(step_valid.unsqueeze(-1), new, x)
+            h = _scatter_tokens(h, sel_idx, new)
+            depths.scatter_add_(1, sel_idx, step_valid.long())
+            frac = k_rows.float() / lengths.float()
+            stats[f"selected_frac/r{r}"] = frac.mean()
+            stats[f"selected_frac_sq/r{r}"] = (frac * frac).mean()
+            idx, valid = sel_idx, step_valid
         return h, aux, stats, depths
 
     def _expert_causal(self, h: Tensor, kv_log):

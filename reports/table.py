@@ -36,6 +36,31 @@ def _metric(rec: dict[str, Any], *path: str) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
+# The paper's metric per task (MOR_SPEC section 6); anything else reports acc.
+_ACC_NORM_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge")
+
+
+def task_metric(task: str) -> str:
+    base = task.removesuffix("_local")
+    return "acc_norm" if base in _ACC_NORM_TASKS else "acc"
+
+
+def fewshot_scores(rec: dict[str, Any]) -> dict[str, float]:
+    """{"fs:<task>": score} for every task (not group) of a record's few-shot results,
+    under the paper's metric for that task, plus "fewshot_avg" over them."""
+    fs = (rec.get("metrics") or {}).get("fewshot") or {}
+    out: dict[str, float] = {}
+    for task, res in sorted((fs.get("tasks") or {}).items()):
+        if res.get("subtasks"):
+            continue  # a group: its members are listed themselves
+        value = res.get("metrics", {}).get(task_metric(task))
+        if isinstance(value, (int, float)):
+            out[f"fs:{task}"] = float(value)
+    if out:
+        out["fewshot_avg"] = sum(out.values()) / len(out)
+    return out
+
+
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per successful record, flat columns."""
     rows = []
@@ -62,6 +87,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "sampling_acc": _metric(r, "val_routing_by_mode", "topk", "sampling_acc"),
             "dead_token_ratio": _metric(r, "val_routing_by_mode", "topk", "dead_token_ratio"),
             "maxvio": _metric(r, "val_routing", "maxvio"),
+            **fewshot_scores(r),
             "train_time_s": _metric(r, "train_time_s"),
             "tokens_per_s": _metric(r, "tokens_per_s"),
             "peak_mem_mb": _metric(r, "peak_mem_bytes") / 2**20, "mfu": _metric(r, "mfu"),
@@ -79,6 +105,9 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     measured = ["flops_per_token_effective", "flops_used", "tokens", "val_nll",
                 "val_nll_causal", "val_bpb", "sampling_acc", "dead_token_ratio", "maxvio",
                 "train_time_s", "tokens_per_s", "peak_mem_mb", "mfu"]
+    fs_cols = sorted(c for c in df.columns if c.startswith("fs:"))
+    if fs_cols:
+        measured = measured + fs_cols + ["fewshot_avg"]
     agg = df.groupby(keys, sort=False, dropna=False).agg(
         **{c: (c, "first") for c in static}, **{c: (c, "mean") for c in measured},
         seeds=("seed", "count")).reset_index()
@@ -103,7 +132,11 @@ def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     agg = agg.sort_values(["budget_kind", "budget_value", "_family", "N_r", "model"],
                           kind="stable",
                           na_position="first").drop(columns="_family")
-    return agg[COLUMNS].reset_index(drop=True)
+    columns = list(COLUMNS)
+    if fs_cols:  # few-shot accuracies sit after the validation metrics
+        at = columns.index("maxvio") + 1
+        columns[at:at] = fs_cols + ["fewshot_avg"]
+    return agg[columns].reset_index(drop=True)
 
 
 _FORMATS = {
@@ -111,7 +144,7 @@ _FORMATS = {
     "flops_used": lambda v: f"{v:.3g}", "tokens": lambda v: f"{v:,.0f}",
     "flops_per_token_effective": lambda v: f"{v:.3g}",
     "sampling_acc": lambda v: f"{100 * v:.1f}%", "dead_token_ratio": lambda v: f"{100 * v:.1f}%",
-    "maxvio": lambda v: f"{v:.3f}",
+    "maxvio": lambda v: f"{v:.3f}", "fewshot_avg": lambda v: f"{100 * v:.1f}",
     "val_nll": lambda v: f"{v:.4f}", "val_nll_causal": lambda v: f"{v:.4f}",
     "val_bpb": lambda v: f"{v:.4f}",
     "train_time_s": lambda v: f"{v:.1f}", "tokens_per_s": lambda v: f"{v:,.0f}",
@@ -128,7 +161,7 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """Strings for display; missing values as "-"."""
     out = table.copy().astype(object)
     for col in out.columns:
-        fmt = _FORMATS.get(col)
+        fmt = _FORMATS.get(col) or (_FORMATS["fewshot_avg"] if col.startswith("fs:") else None)
         out[col] = [("-" if v is None or (isinstance(v, float) and math.isnan(v))
                      else (fmt(v) if fmt else str(v))) for v in table[col]]
     return out

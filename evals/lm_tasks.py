@@ -1,0 +1,53 @@
+"""Which lm-eval tasks are local, and the offline switch -- without importing lm-eval.
+
+`datasets` reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when it is imported, so the decision
+"every task is local, never touch the Hub" must be taken before lm-eval (which imports
+`datasets`) is: callers run `use_offline_if_local` first, then import the adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+
+@functools.cache
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # lm-eval YAMLs use tags like `!function module.attr`; only names are read here, so
+    # any tag loads as None.
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    return Loader
+
+
+def local_task_names(include_paths) -> set[str]:
+    """Task and group names declared by the YAML files under `include_paths` (cheap: no
+    lm-eval indexing, which costs seconds for the built-in tasks)."""
+    import yaml
+
+    names: set[str] = set()
+    for root in include_paths or []:
+        for f in sorted(Path(root).rglob("*.yaml")):
+            try:
+                doc = yaml.load(f.read_text(), Loader=_yaml_loader())
+            except yaml.YAMLError:
+                continue
+            if isinstance(doc, dict):
+                names.update(doc[k] for k in ("task", "group") if isinstance(doc.get(k), str))
+    return names
+
+
+def use_offline_if_local(tasks, include_paths) -> bool:
+    """Set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 when every task is local (returns
+    whether it did). Call before `datasets` or `lm_eval` is imported."""
+    local = local_task_names(include_paths)
+    if tasks and all(t in local for t in tasks):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return True
+    return False

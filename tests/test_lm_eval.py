@@ -1,0 +1,230 @@
+"""The lm-evaluation-harness adapter: batch invariance, parity with lm-eval's own HFLM on
+the same weights, rolling log-likelihood and generation semantics."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from evals.lm_eval_adapter import MorBenchLM  # noqa: E402
+from evals.tokenizer import ByteTokenizer  # noqa: E402
+from mor import ConfigError, ModelConfig, build_model, save_checkpoint  # noqa: E402
+
+TEXTS = [("12 + 39 =", " 51"), ("12 + 39 =", " 52"), ("the cat sat on the", " mat"),
+         ("k7=42. k3=11. k7?", " 42"), ("a", " b c d e f g"), ("x=3. y=x+2. y?", " 5")]
+
+
+def _model(family="mor", **kw):
+    torch.manual_seed(0)
+    extra = {"num_recursions": 3} if family != "vanilla" else {}
+    cfg = ModelConfig.from_preset("micro", family=family, **extra, **kw)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # large router weights: routing decisions differ between tokens
+        for name, p in model.named_parameters():
+            if name.startswith(("routers.", "router.")):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def _requests(pairs):
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kv="share"), dict(router="token"),
+                                dict(eval_routing="causal")])
+def test_scores_do_not_depend_on_the_batch(kw):
+    lm1 = MorBenchLM(model=_model(**kw), tokenizer=ByteTokenizer(), batch_size=1)
+    lm8 = MorBenchLM(model=_model(**kw), tokenizer=ByteTokenizer(), batch_size=8)
+    alone = lm1.loglikelihood(_requests(TEXTS), disable_tqdm=True)
+    batched = lm8.loglikelihood(_requests(TEXTS), disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(alone, batched):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_padding_would_change_topk_scores_without_real_lengths():
+    """Why the adapter passes lengths: with padding competing for top-k capacity, a short
+    request's logits change when it shares a batch with a long one."""
+    model = _model()
+    tok = ByteTokenizer()
+    short, long = tok.encode("12 + 39 = 51"), tok.encode("the cat sat on the mat, twice over")
+    batch = torch.zeros(2, len(long), dtype=torch.long)
+    batch[0, : len(short)] = torch.tensor(short)
+    batch[1] = torch.tensor(long)
+    with torch.no_grad():
+        alone = model(torch.tensor([short])).logits[0]
+        naive = model(batch).logits[0, : len(short)]
+        fixed = model(batch, lengths=torch.tensor([len(short), len(long)])).logits[0, : len(short)]
+    assert not torch.allclose(naive, alone, atol=1e-4)
+    torch.testing.assert_close(fixed, alone, atol=1e-5, rtol=0)
+
+
+def test_routing_argument_is_applied_and_reported(tmp_path):
+    model = _model()
+    save_checkpoint(model, tmp_path / "ck", extra={"tokenizer": {"kind": "bytes"}})
+    topk = MorBenchLM(str(tmp_path / "ck"))
+    causal = MorBenchLM(str(tmp_path / "ck"), routing="causal")
+    assert (topk.routing, causal.routing) == ("topk", "causal")
+    a = topk.loglikelihood(_requests(TEXTS[:2]), disable_tqdm=True)
+    b = causal.loglikelihood(_requests(TEXTS[:2]), disable_tqdm=True)
+    assert a != b  # the two modes route differently, so they score differently
+    with pytest.raises(ConfigError, match="exactly one"):
+        MorBenchLM()
+    vanilla = _model("vanilla")
+    with pytest.raises(ConfigError, match="MoR models only"):
+        MorBenchLM(model=vanilla, tokenizer=ByteTokenizer(), routing="causal")
+
+
+def test_loglikelihood_rolling_matches_a_direct_forward():
+    model = _model("vanilla")
+    tok = ByteTokenizer()
+    lm = MorBenchLM(model=model, tokenizer=tok, max_length=64)
+    short = "the cat sat on the mat."
+    long = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 6  # > 2 windows
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (short,), 0),
+                                    Instance("loglikelihood_rolling", {}, (long,), 1)],
+                                   disable_tqdm=True)
+    ids = [tok.eos_id] + tok.encode(short)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0], -1)
+    expect = logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum().item()
+    assert got[0] == pytest.approx(expect, abs=1e-3)
+    # Disjoint windows of 64: the first predicts 64 tokens from EOS + 63, the next ones
+    # condition on the preceding tokens only up to the window length.
+    toks = tok.encode(long)
+    total, pos = 0.0, 0
+    while pos < len(toks):
+        n = min(64, len(toks) - pos)
+        ctx = ([tok.eos_id] + toks)[max(0, pos + n - 64): pos + n]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ctx])).logits[0], -1)
+        total += lp[-n:].gather(1, torch.tensor(toks[pos:pos + n]).unsqueeze(1)).sum().item()
+        pos += n
+    assert got[1] == pytest.approx(total, abs=1e-2)
+
+
+def test_generate_until_stops_and_respects_max_tokens():
+    model = _model("vanilla")
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer())
+    free = lm.generate_until([Instance("generate_until", {}, ("hello", {"until": [],
+                                                                         "max_gen_toks": 7}), 0)],
+                             disable_tqdm=True)[0]
+    assert 0 < len(free.encode()) <= 7
+    stop = free[2] if len(free) > 2 else free[-1]
+    cut = lm.generate_until([Instance("generate_until", {}, ("hello", {"until": [stop],
+                                                                        "max_gen_toks": 7}), 0)],
+                            disable_tqdm=True)[0]
+    assert stop not in cut and free.startswith(cut)
+
+
+def _byte_hf_tokenizer():
+    """A Hugging Face fast tokenizer that encodes exactly like `ByteTokenizer` (byte b -> id
+    b, EOS 256) with explicit special tokens, so lm-eval adds none beyond the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab["<|endoftext|>"] = 256
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def test_vanilla_matches_lm_eval_hflm_on_the_same_weights():
+    pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate")
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.models.huggingface import HFLM
+
+    from baselines.vanilla import hf_llama_config_kwargs, to_hf_state_dict
+
+    model = _model("vanilla")
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**hf_llama_config_kwargs(model.cfg))).eval()
+    hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
+    hf_tok = _byte_hf_tokenizer()
+    assert hf_tok("k7=42")["input_ids"] == ByteTokenizer().encode("k7=42")
+    ref = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=4, device="cpu")
+    ours = MorBenchLM(model=model, tokenizer=ByteTokenizer(), batch_size=4)
+    pairs = TEXTS + [("", " hello")]  # an empty context is conditioned on EOS by both
+    a = ref.loglikelihood(_requests(pairs), disable_tqdm=True)
+    b = ours.loglikelihood(_requests(pairs), disable_tqdm=True)
+    for (x, gx), (y, gy) in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4) and gx == gy
+
+
+MICRO_EVAL_SUITE = """
+name = "microeval"
+seeds = [0]
+[data]
+corpus = "synthetic"
+synthetic_docs = 200
+seq_len = 64
+val_windows = 8
+[budget]
+tokens = [2048]
+[train]
+batch_size = 4
+threads = 1
+[eval]
+tasks = ["mor_synthetic"]
+limit = 8
+[defaults]
+preset = "micro"
+[[models]]
+name = "vanilla"
+family = "vanilla"
+[[models]]
+name = "mor-2"
+family = "mor"
+num_recursions = 2
+"""
+
+
+@pytest.mark.slow
+def test_suite_records_few_shot_accuracy_and_cli_eval(tmp_path, capsys):
+    import json
+
+    from evals.cli import main
+    from evals.fewshot import SYNTHETIC_TASKS
+
+    suite = tmp_path / "microeval.toml"
+    suite.write_text(MICRO_EVAL_SUITE)
+    assert main(["run", str(suite), "--out", str(tmp_path / "runs"), "--json",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    run_dir = json.loads(capsys.readouterr().out)["run_dir"]
+    records = {}
+    for name in ("vanilla", "mor-2"):
+        rec_file = next((tmp_path / "runs").rglob(f"{name}-*/record.json"))
+        records[name] = json.loads(rec_file.read_text())
+    for rec in records.values():
+        fs = rec["metrics"]["fewshot"]
+        assert fs["num_fewshot"] == 0 and fs["limit"] == 8
+        for task in SYNTHETIC_TASKS:
+            res = fs["tasks"][task]
+            assert res["n"] == 8 and 0.0 <= res["metrics"]["acc"] <= 1.0
+            assert res["stderr"]["acc"] >= 0.0
+    assert set(records["mor-2"]["metrics"]["fewshot"]["by_routing"]) == {"topk", "causal"}
+    assert records["mor-2"]["metrics"]["fewshot"]["routing"] == "topk"
+    table = (tmp_path / "runs").glob("microeval-*/report.csv")
+    header = next(table).read_text().splitlines()[0].split(",")
+    assert {f"fs:{t}" for t in SYNTHETIC_TASKS} | {"fewshot_avg"} <= set(header)
+
+    # The same checkpoint through `mor-bench eval`, both routing modes.
+    mor_dir = next((tmp_path / "runs").rglob("mor-2-*/model.safetensors")).parent
+    assert main(["eval", str(mor_dir), "--tasks", "mor_synth_recall", "--limit", "6",
+                 "--routing", "both", "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["results"]) == {"topk", "causal"}
+    for res in out["results"].values():
+        assert res["tasks"]["mor_synth_recall"]["n"] == 6
+    assert run_dir
