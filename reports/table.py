@@ -46,18 +46,39 @@ def task_metric(task: str) -> str:
 
 
 def fewshot_scores(rec: dict[str, Any]) -> dict[str, float]:
-    """{"fs:<task>": score} for every task (not group) of a record's few-shot results,
-    under the paper's metric for that task, plus "fewshot_avg" over them."""
+    """{"fs:<task>": score} under the paper's metric for each task of a record's few-shot
+    results, plus "fewshot_avg".
+
+    Tasks, not groups, are listed -- except MMLU, reported as one benchmark (its group's
+    size-weighted acc) as in the paper. ARC-Easy and ARC-Challenge are listed apart and also
+    merged into "fs:arc_merged", accuracy over all items of both (item-weighted mean of
+    their acc_norm); the average then counts ARC once, through the merged value, like the
+    paper's Avg column."""
     fs = (rec.get("metrics") or {}).get("fewshot") or {}
+    tasks = fs.get("tasks") or {}
+    inside_mmlu = {sub for name, res in tasks.items() if name.startswith("mmlu")
+                   for sub in res.get("subtasks") or []}
     out: dict[str, float] = {}
-    for task, res in sorted((fs.get("tasks") or {}).items()):
-        if res.get("subtasks"):
-            continue  # a group: its members are listed themselves
+    sizes: dict[str, float] = {}
+    for task, res in sorted(tasks.items()):
+        is_mmlu_group = task.startswith("mmlu") and res.get("subtasks")
+        if task in inside_mmlu or (res.get("subtasks") and not is_mmlu_group):
+            continue
         value = res.get("metrics", {}).get(task_metric(task))
         if isinstance(value, (int, float)):
             out[f"fs:{task}"] = float(value)
-    if out:
-        out["fewshot_avg"] = sum(out.values()) / len(out)
+            sizes[task.removesuffix("_local")] = float(res.get("n") or 0)
+    in_avg = dict(out)
+    arc = {k: out.get(f"fs:{k}", out.get(f"fs:{k}_local")) for k in ("arc_easy",
+                                                                     "arc_challenge")}
+    if all(v is not None for v in arc.values()) and sizes.get("arc_easy"):
+        n_e, n_c = sizes["arc_easy"], sizes["arc_challenge"]
+        merged = (arc["arc_easy"] * n_e + arc["arc_challenge"] * n_c) / (n_e + n_c)
+        out["fs:arc_merged"] = merged
+        in_avg = {k: v for k, v in in_avg.items() if "arc_" not in k}
+        in_avg["fs:arc_merged"] = merged
+    if in_avg:
+        out["fewshot_avg"] = sum(in_avg.values()) / len(in_avg)
     return out
 
 

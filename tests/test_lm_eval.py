@@ -160,6 +160,36 @@ def test_vanilla_matches_lm_eval_hflm_on_the_same_weights():
     b = ours.loglikelihood(_requests(pairs), disable_tqdm=True)
     for (x, gx), (y, gy) in zip(a, b):
         assert x == pytest.approx(y, abs=1e-4) and gx == gy
+    # ...and the same accuracies on a small local multiple-choice task.
+    import tempfile
+
+    from evals.fewshot import write_synthetic_tasks
+    from evals.lm_eval_adapter import run_tasks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [write_synthetic_tasks(tmp, n_items=24)]
+        got = [run_tasks(lm, ["mor_synth_arithmetic", "mor_synth_recall"], include_paths=paths,
+                         limit=24)["tasks"] for lm in (ref, ours)]
+    for task in ("mor_synth_arithmetic", "mor_synth_recall"):
+        assert got[0][task]["n"] == got[1][task]["n"] == 24
+        assert got[0][task]["metrics"] == got[1][task]["metrics"]
+
+
+def test_simple_evaluate_by_registered_name(tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from evals.fewshot import write_synthetic_tasks
+
+    save_checkpoint(_model(), tmp_path / "ck", extra={"tokenizer": {"kind": "bytes"}})
+    tasks_dir = write_synthetic_tasks(tmp_path / "tasks", n_items=8)
+    res = lm_eval.simple_evaluate(
+        model="mor-bench", model_args=f"checkpoint={tmp_path / 'ck'},routing=causal",
+        tasks=["mor_synth_tracking"], limit=8,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    assert res["n-samples"]["mor_synth_tracking"]["effective"] == 8
+    assert 0.0 <= res["results"]["mor_synth_tracking"]["acc,none"] <= 1.0
+    assert "routing=causal" in str(res["config"]["model_args"])
 
 
 MICRO_EVAL_SUITE = """
@@ -228,3 +258,27 @@ def test_suite_records_few_shot_accuracy_and_cli_eval(tmp_path, capsys):
     for res in out["results"].values():
         assert res["tasks"]["mor_synth_recall"]["n"] == 6
     assert run_dir
+
+
+def test_fewshot_columns_follow_the_paper_layout():
+    from reports.table import fewshot_scores
+
+    def res(value, n, metric="acc", subtasks=()):
+        return {"metrics": {metric: value}, "n": n, "subtasks": list(subtasks)}
+
+    rec = {"metrics": {"fewshot": {"tasks": {
+        "mor_paper_local": {"metrics": {}, "n": None, "subtasks": ["hellaswag_local"]},
+        "hellaswag_local": res(0.30, 100, "acc_norm"),
+        "arc_easy_local": res(0.50, 300, "acc_norm"),
+        "arc_challenge_local": res(0.20, 100, "acc_norm"),
+        "mmlu_local": res(0.26, 57, subtasks=["mmlu_stem_local"]),
+        "mmlu_stem_local": res(0.99, 10, subtasks=["mmlu_anatomy_local"]),
+        "mmlu_anatomy_local": res(0.99, 10),
+    }}}}
+    got = fewshot_scores(rec)
+    assert set(got) == {"fs:hellaswag_local", "fs:arc_easy_local", "fs:arc_challenge_local",
+                        "fs:mmlu_local", "fs:arc_merged", "fewshot_avg"}
+    assert got["fs:arc_merged"] == pytest.approx((0.5 * 300 + 0.2 * 100) / 400)
+    # Avg over HellaSwag, merged ARC and MMLU: ARC counts once, MMLU as one benchmark.
+    assert got["fewshot_avg"] == pytest.approx((0.30 + got["fs:arc_merged"] + 0.26) / 3)
+    assert fewshot_scores({"metrics": {}}) == {}
