@@ -370,25 +370,24 @@ def evaluate_synthetic(lm, out_dir: Path, *, limit: int | float | None = None,
                        ) -> dict[str, dict[str, float | int]]:
     """Evaluate ``lm`` (an ``lm_eval.api.model.LM``, e.g. ``MorBenchLM``) on the synthetic
     tasks written to ``out_dir``; returns ``{task: {"acc", "acc_stderr", "acc_norm",
-    "acc_norm_stderr", "n"}}`` (stderr NaN where lm-eval cannot compute one)."""
-    import lm_eval
+    "acc_norm_stderr", "n"}}`` (stderr NaN where lm-eval cannot compute one). A thin view
+    of `evals.lm_eval_adapter.run_tasks`, the path suites use."""
+    from evals.lm_eval_adapter import run_tasks
 
     unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
     if unknown:
         raise DataError(f"unknown synthetic task(s) {unknown}; expected {SYNTHETIC_TASKS}")
+    _check_written(out_dir, SYNTHETIC_TASKS)
     with offline_hf():
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks),
-                                          task_manager=task_manager(out_dir),
-                                          num_fewshot=num_fewshot, limit=limit)
-    if results is None:  # only non-zero ranks of a distributed run get None
-        return {}
+        res = run_tasks(lm, list(tasks), include_paths=[Path(out_dir).resolve()],
+                        num_fewshot=num_fewshot, limit=limit)
     out: dict[str, dict[str, float | int]] = {}
     for task in tasks:
-        metrics = results["results"][task]
+        r = res["tasks"][task]
         row: dict[str, float | int] = {}
         for m in METRICS:
-            row[m] = _number(metrics[f"{m},none"])
-            row[f"{m}_stderr"] = _number(metrics.get(f"{m}_stderr,none"))
-        row["n"] = int(results["n-samples"][task]["effective"])
+            row[m] = _number(r["metrics"].get(m))
+            row[f"{m}_stderr"] = _number(r["stderr"].get(m))
+        row["n"] = int(r["n"])
         out[task] = row
     return out
