@@ -68,12 +68,29 @@ from typing import Any
 
 import yaml
 
-from evals.synthetic import ARITHMETIC, RECALL, TRACKING, Piece, _arithmetic, _recall, _tracking
+from evals.synthetic import (
+    _ADJECTIVES,
+    _ADVERBS,
+    _INTRANSITIVE,
+    _NAMES,
+    _NOUNS,
+    _TRANSITIVE,
+    ARITHMETIC,
+    RECALL,
+    TRACKING,
+    Piece,
+    _arithmetic,
+    _recall,
+    _sentence,
+    _tracking,
+)
 from mor.errors import DataError
 
-SYNTHETIC_TASKS: tuple[str, ...] = ("mor_synth_arithmetic", "mor_synth_recall",
-                                    "mor_synth_tracking")
-"""The task names, one per difficulty family of the synthetic corpus."""
+SYNTHETIC_TASKS: tuple[str, ...] = ("mor_synth_filler", "mor_synth_arithmetic",
+                                    "mor_synth_recall", "mor_synth_tracking")
+"""The task names, one per difficulty family of the synthetic corpus: the easy filler prose
+(pick the word of the right grammatical category, which tiny models learn within the smoke
+budget) and the three hard families (which they do not)."""
 
 SYNTHETIC_GROUP = "mor_synthetic"
 """The lm-eval group that holds :data:`SYNTHETIC_TASKS`."""
@@ -86,7 +103,7 @@ N_FEWSHOT_ITEMS = 32
 """Items of each task's ``train`` split, the pool lm-eval draws few-shot examples from."""
 
 METRICS = ("acc", "acc_norm")
-_VERSION = 1  # bump when the item format or the distractor rules change
+_VERSION = 2  # bump when the item format or the distractor rules change
 
 # segment maker and answer class of each task
 _FAMILIES: dict[str, tuple[Callable[[random.Random], list[Piece]], int]] = {
@@ -206,17 +223,33 @@ def _choice(value: int) -> str:
     return f" {value}."
 
 
+def _filler_item(rng: random.Random) -> tuple[str, str, list[str]]:
+    """Filler prose cut before the object noun of "The ADJ NOUN VERBED the NOUN." -- the
+    corpus's own template. Distractors come from categories that never follow "the" in the
+    corpus (an adverb, an intransitive verb, a name), so the task measures whether a model
+    learned the easy text's grammar."""
+    lead = " ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))
+    c = rng.choice
+    context = f"{lead} The {c(_ADJECTIVES)} {c(_NOUNS)} {c(_TRANSITIVE)} the"
+    return context, f" {c(_NOUNS)}.", [f" {c(_ADVERBS)}.", f" {c(_INTRANSITIVE)}.",
+                                       f" {c(_NAMES)}."]
+
+
 def make_item(task: str, split: str, seed: int, index: int) -> dict[str, Any]:
     """Item ``index`` of ``task``'s ``split`` for ``seed``: {id, context, choices, gold}."""
-    if task not in _FAMILIES:
+    if task not in _FAMILIES and task != "mor_synth_filler":
         raise DataError(f"unknown synthetic task '{task}'; expected one of {SYNTHETIC_TASKS}")
     rng = random.Random(f"mor-bench-fewshot/{task}/{split}/{seed}/{index}")
-    maker, answer_class = _FAMILIES[task]
-    context, answer = _cut_at_answer(maker(rng), answer_class)
-    choices = [_choice(d) for d in
-               _pick_distractors(rng, answer, _DISTRACTORS[task](context, answer))]
+    if task == "mor_synth_filler":
+        context, answer_text, choices = _filler_item(rng)
+    else:
+        maker, answer_class = _FAMILIES[task]
+        context, answer = _cut_at_answer(maker(rng), answer_class)
+        answer_text = _choice(answer)
+        choices = [_choice(d) for d in
+                   _pick_distractors(rng, answer, _DISTRACTORS[task](context, answer))]
     gold = rng.randrange(N_CHOICES)
-    choices.insert(gold, _choice(answer))
+    choices.insert(gold, answer_text)
     return {"id": f"{task}-s{seed}-{split}-{index:05d}", "context": context,
             "choices": choices, "gold": gold}
 

@@ -19,6 +19,7 @@ import torch
 from lm_eval.api.model import LM
 
 import mor
+from evals import synthetic
 from evals.fewshot import (
     CHANCE,
     N_FEWSHOT_ITEMS,
@@ -54,8 +55,12 @@ def solve(context: str) -> int:
     raise AssertionError(f"no question at the end of {last!r}")
 
 
-def gold_choice(context: str) -> str:
-    return f" {solve(context)}."
+def is_gold(context: str, choice: str) -> bool:
+    """Filler items (cut after "... the") are answered by the one noun among the choices;
+    the other families by the solved value."""
+    if context.split("\n\n")[-1].endswith(" the"):
+        return choice.strip(" .") in synthetic._NOUNS
+    return choice == f" {solve(context)}."
 
 
 def no_carry_sum(a: int, b: int) -> int:
@@ -113,8 +118,12 @@ def test_items_have_correct_gold_and_plausible_distractors(tasks_dir, task):
         context, choices, gold = item["context"], item["choices"], item["gold"]
         assert "\n" not in context and not context.endswith(" ")
         assert len(choices) == 4 and len(set(choices)) == 4
+        assert [i for i, c in enumerate(choices) if is_gold(context, c)] == [gold], item
+        if task == "mor_synth_filler":
+            assert context.endswith(" the")
+            assert all(re.fullmatch(r" [A-Za-z]+\.", c) for c in choices), choices
+            continue
         assert all(CHOICE_RE.match(c) for c in choices), choices
-        assert choices[gold] == gold_choice(context), item
         values = [int(CHOICE_RE.match(c)[1]) for c in choices]
         answer = values[gold]
         others = [v for i, v in enumerate(values) if i != gold]
@@ -163,8 +172,8 @@ def test_tasks_load_through_lm_eval_offline(tasks_dir, monkeypatch):
         assert task.doc_to_choice(docs[0]) == first["choices"]
         assert task.doc_to_target(docs[0]) == first["gold"]
         assert task.config.target_delimiter == ""
-        # the request lm-eval scores for the gold choice is context + " N."
-        assert task.doc_to_choice(docs[0])[first["gold"]] == gold_choice(first["context"])
+        # the request lm-eval scores for the gold choice is context + " ANSWER."
+        assert is_gold(first["context"], task.doc_to_choice(docs[0])[first["gold"]])
 
 
 def test_evaluate_untrained_micro_model(tasks_dir):
@@ -197,7 +206,7 @@ class OracleLM(LM):
         for req in requests:
             context, continuation = req.args
             self.requests.append((context, continuation))
-            right = (continuation == gold_choice(context)) == self.pick_gold
+            right = is_gold(context, continuation) == self.pick_gold
             out.append((0.0, True) if right else (-5.0 - len(continuation), False))
         return out
 
@@ -217,7 +226,7 @@ def test_oracle_lm_scores_perfectly_with_fewshot_from_train_split(tasks_dir, mon
     assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
     for row in scores.values():
         assert row["acc"] == row["acc_norm"] == 1.0 and row["n"] == 40
-    assert len(oracle.requests) == 3 * 40 * 4
+    assert len(oracle.requests) == len(SYNTHETIC_TASKS) * 40 * 4
     train_shots = {d["context"] + d["choices"][d["gold"]]
                    for t in SYNTHETIC_TASKS
                    for d in read_jsonl(tasks_dir / "data" / f"{t}_train.jsonl")}
