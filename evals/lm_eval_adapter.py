@@ -203,10 +203,10 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from evals.lm_tasks import local_task_names
+    from evals.lm_tasks import data_local_task_names, include_paths_for
 
-    paths = [str(p) for p in (include_paths or [])]
-    need_defaults = any(t not in local_task_names(paths) for t in tasks)
+    paths = include_paths_for(tasks, include_paths or [])
+    need_defaults = any(t not in data_local_task_names(paths) for t in tasks)
     manager = TaskManager(include_path=paths or None, include_defaults=need_defaults)
     res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                                   num_fewshot=num_fewshot, limit=limit,

@@ -25,6 +25,18 @@ def _yaml_loader():
     return Loader
 
 
+PACKAGE_TASKS = Path(__file__).resolve().parent / "tasks"
+"""Task YAMLs shipped with mor-bench (the online paper group `mor_paper`)."""
+
+
+def include_paths_for(tasks, paths) -> list[str]:
+    """`paths` plus the package's own task directory when a task needs it."""
+    out = [str(p) for p in paths]
+    if any(t in local_task_names([PACKAGE_TASKS]) for t in tasks):
+        out.append(str(PACKAGE_TASKS))
+    return out
+
+
 def local_task_names(include_paths) -> set[str]:
     """Task and group names declared by the YAML files under `include_paths` (cheap: no
     lm-eval indexing, which costs seconds for the built-in tasks)."""
@@ -42,10 +54,17 @@ def local_task_names(include_paths) -> set[str]:
     return names
 
 
+def data_local_task_names(include_paths) -> set[str]:
+    """Tasks whose DATA is local: those of `include_paths` except the package's own groups,
+    which name lm-eval's built-in (Hub) tasks."""
+    return local_task_names([p for p in include_paths or []
+                             if Path(p).resolve() != PACKAGE_TASKS])
+
+
 def use_offline_if_local(tasks, include_paths) -> bool:
-    """Set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 when every task is local (returns
-    whether it did). Call before `datasets` or `lm_eval` is imported."""
-    local = local_task_names(include_paths)
+    """Set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 when every task's data is local
+    (returns whether it did). Call before `datasets` or `lm_eval` is imported."""
+    local = data_local_task_names(include_paths)
     if tasks and all(t in local for t in tasks):
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"

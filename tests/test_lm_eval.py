@@ -37,11 +37,17 @@ def _requests(pairs):
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(kv="share"), dict(router="token"),
-                                dict(eval_routing="causal")])
-def test_scores_do_not_depend_on_the_batch(kw):
-    lm1 = MorBenchLM(model=_model(**kw), tokenizer=ByteTokenizer(), batch_size=1)
-    lm8 = MorBenchLM(model=_model(**kw), tokenizer=ByteTokenizer(), batch_size=8)
+@pytest.mark.parametrize("family,kw", [
+    ("vanilla", dict()), ("recursive", dict(sharing="middle_sequence")),
+    ("mor", dict()), ("mor", dict(kv="share")), ("mor", dict(router_arch="mlp")),
+    ("mor", dict(expert_aux="router")), ("mor", dict(router_func="tanh")),
+    ("mor", dict(eval_routing="causal")), ("mor", dict(eval_routing="causal", kv="share")),
+    ("mor", dict(router="token")), ("mor", dict(router="token", kv="share")),
+    ("mor", dict(router="token", balancing="loss_free")),
+])
+def test_scores_do_not_depend_on_the_batch(family, kw):
+    lm1 = MorBenchLM(model=_model(family, **kw), tokenizer=ByteTokenizer(), batch_size=1)
+    lm8 = MorBenchLM(model=_model(family, **kw), tokenizer=ByteTokenizer(), batch_size=8)
     alone = lm1.loglikelihood(_requests(TEXTS), disable_tqdm=True)
     batched = lm8.loglikelihood(_requests(TEXTS), disable_tqdm=True)
     for (a, ga), (b, gb) in zip(alone, batched):
@@ -282,3 +288,30 @@ def test_fewshot_columns_follow_the_paper_layout():
     # Avg over HellaSwag, merged ARC and MMLU: ARC counts once, MMLU as one benchmark.
     assert got["fewshot_avg"] == pytest.approx((0.30 + got["fs:arc_merged"] + 0.26) / 3)
     assert fewshot_scores({"metrics": {}}) == {}
+
+
+def test_online_paper_group_names_lm_eval_builtin_tasks():
+    """`mor_paper` (shipped) resolves to lm-eval's own seven task names; it is never mistaken
+    for local data, so evaluating it would go to the Hub rather than fail offline."""
+    from lm_eval.tasks import TaskManager
+
+    from evals.lm_tasks import (
+        PACKAGE_TASKS,
+        data_local_task_names,
+        include_paths_for,
+        use_offline_if_local,
+    )
+
+    paths = include_paths_for(["mor_paper"], [])
+    assert paths == [str(PACKAGE_TASKS)]
+    assert "mor_paper" not in data_local_task_names(paths)
+    env = {k: os.environ.pop(k, None) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    try:
+        assert use_offline_if_local(["mor_paper"], paths) is False
+    finally:
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+    manager = TaskManager(include_path=str(PACKAGE_TASKS), include_defaults=True)
+    assert "mor_paper" in manager.all_groups
+    for task in ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy",
+                 "arc_challenge", "mmlu_continuation"):
+        assert task in manager.all_subtasks or task in manager.all_groups, task
