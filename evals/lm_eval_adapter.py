@@ -16,6 +16,8 @@ reports it so every lm-eval result can say which mode produced it.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -120,8 +122,10 @@ class MorBenchLM(TemplateLM):
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
                 raise ConfigError("lm-eval sent an empty continuation; nothing to score")
+            # A continuation longer than the window: its first tokens cannot be predicted
+            # inside it, so only the last max_length are scored.
             whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            items.append((i, whole[:-1], list(cont)))
+            items.append((i, whole[:-1], list(cont)[-self.max_length:]))
         order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
         results: list[tuple[float, bool] | None] = [None] * len(items)
         for start in range(0, len(order), self.batch_size):
@@ -208,9 +212,11 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     paths = include_paths_for(tasks, include_paths or [])
     need_defaults = any(t not in data_local_task_names(paths) for t in tasks)
     manager = TaskManager(include_path=paths or None, include_defaults=need_defaults)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
-                                  num_fewshot=num_fewshot, limit=limit,
-                                  log_samples=log_samples, bootstrap_iters=1000)
+    # lm-eval prints progress notes on stdout; keep stdout for results (`--json`).
+    with contextlib.redirect_stdout(sys.stderr):
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
+                                      num_fewshot=num_fewshot, limit=limit,
+                                      log_samples=log_samples, bootstrap_iters=1000)
     out: dict[str, Any] = {}
     n_samples = res.get("n-samples", {})
     for name, metrics in res["results"].items():
@@ -226,6 +232,17 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
         n = n_samples.get(name, {}).get("effective")
         subtasks = res.get("group_subtasks", {}).get(name) or []
         out[name] = {"metrics": vals, "stderr": errs, "n": n, "subtasks": list(subtasks)}
+    def items(name: str, seen=()) -> int | None:  # a group's n: its members' items
+        entry = out.get(name)
+        if entry is None or name in seen:
+            return None
+        if entry["n"] is not None or not entry["subtasks"]:
+            return entry["n"]
+        counts = [items(sub, (*seen, name)) for sub in entry["subtasks"]]
+        return sum(c for c in counts if c) or None
+
+    for name in out:
+        out[name]["n"] = items(name)
     return {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
             "routing": getattr(lm, "routing", None),
             "lm_eval_version": metadata.version("lm_eval"),

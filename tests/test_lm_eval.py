@@ -315,3 +315,16 @@ def test_online_paper_group_names_lm_eval_builtin_tasks():
     for task in ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy",
                  "arc_challenge", "mmlu_continuation"):
         assert task in manager.all_subtasks or task in manager.all_groups, task
+
+
+def test_continuations_longer_than_the_window_score_their_last_tokens():
+    model = _model("vanilla")
+    tok = ByteTokenizer()
+    lm = MorBenchLM(model=model, tokenizer=tok, max_length=16)
+    cont = " and then some more words than fit"  # 34 bytes > 16
+    (score, _), = lm.loglikelihood(_requests([("start:", cont)]), disable_tqdm=True)
+    ids = tok.encode("start:" + cont)[-17:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0], -1)
+    expect = logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum().item()
+    assert score == pytest.approx(expect, abs=1e-4)
