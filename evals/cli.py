@@ -26,7 +26,7 @@ from typing import Any
 from mor.errors import MorBenchError
 
 EXAMPLES = """examples:
-  mor-bench run smoke                      # the built-in CPU suite (~3.5 min on 2 cores)
+  mor-bench run smoke                      # the built-in CPU suite (~4 min on 2 cores)
   mor-bench run paper-360m --dry-run       # plan the paper's Table 3 models, no training
   mor-bench run my_suite.toml --corpus ../shared/data/corpus/prose_en.jsonl.gz
   mor-bench report runs/smoke-20261129-101500-a1b2c3
