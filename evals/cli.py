@@ -233,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     offline paper tasks after `mor-bench data benchmarks` ("mor_paper_local" or single ones
     such as "hellaswag_local"), or any lm-eval task name (those need the Hugging Face Hub).
     Scores carry lm-eval's stderr and the number of items; MoR's routing mode is recorded."""
-    from evals.lm_tasks import use_offline_if_local
+    from evals.lm_tasks import task_include_paths, use_offline_if_local
     from evals.runner import DEFAULT_CACHE
     from mor.checkpoint import read_checkpoint_meta
 
@@ -246,18 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.routing and not is_expert:
         raise MorBenchError("--routing applies to expert-choice MoR checkpoints only")
     cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
-    paths = []
-    if any(t == "mor_synthetic" or t.startswith("mor_synth_") for t in tasks):
-        from evals.fewshot import write_synthetic_tasks
-
-        paths.append(str(write_synthetic_tasks(cache / "fewshot")))
-    if (cache / "benchmarks" / "tasks").is_dir():
-        paths.append(str(cache / "benchmarks" / "tasks"))
-    missing = [t for t in tasks if t.endswith("_local") and not (cache / "benchmarks"
-                                                                  / "tasks").is_dir()]
-    if missing:
-        raise MorBenchError(f"tasks {', '.join(missing)} need the offline benchmark copies; "
-                            "run `mor-bench data benchmarks` first")
+    paths = task_include_paths(tasks, cache_dir=cache, synthetic_dir=cache / "fewshot")
     use_offline_if_local(tasks, paths)
     from evals.lm_eval_adapter import MorBenchLM, run_tasks
 

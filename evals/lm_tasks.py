@@ -70,3 +70,40 @@ def use_offline_if_local(tasks, include_paths) -> bool:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         return True
     return False
+
+
+def _is_synthetic(task: str) -> bool:
+    return task == "mor_synthetic" or task.startswith("mor_synth_")
+
+
+def check_tasks(tasks, cache_dir, where: str = "") -> None:
+    """Every local-looking task ("*_local", "mor_*") must be generated on demand (the
+    synthetic ones), shipped with the package, or present in the offline benchmark copies
+    under `cache_dir`; raises ConfigError naming the fetch command otherwise. Cheap: reads
+    YAML names only, so suites call it before any data or training."""
+    from mor.errors import ConfigError
+
+    bench_tasks = Path(cache_dir) / "benchmarks" / "tasks"
+    local = local_task_names([PACKAGE_TASKS] + ([bench_tasks] if bench_tasks.is_dir() else []))
+    missing = [t for t in tasks if (t.endswith("_local") or t.startswith("mor_"))
+               and t not in local and not _is_synthetic(t)]
+    if missing:
+        raise ConfigError(f"{where}tasks {', '.join(missing)} are not available under "
+                          f"'{cache_dir}'; run `mor-bench data benchmarks` first (offline "
+                          "copies of the paper's benchmarks)")
+
+
+def task_include_paths(tasks, *, cache_dir, synthetic_dir) -> list[str]:
+    """Check `tasks` (see `check_tasks`), write the synthetic task files into
+    `synthetic_dir` when a synthetic task is asked for, and return the include paths lm-eval
+    needs: the synthetic tasks and the offline benchmark copies."""
+    check_tasks(tasks, cache_dir)
+    paths = []
+    if any(_is_synthetic(t) for t in tasks):
+        from evals.fewshot import write_synthetic_tasks
+
+        paths.append(str(write_synthetic_tasks(synthetic_dir)))
+    bench_tasks = Path(cache_dir) / "benchmarks" / "tasks"
+    if bench_tasks.is_dir():
+        paths.append(str(bench_tasks))
+    return paths

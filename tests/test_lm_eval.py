@@ -10,6 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import MICRO_SUITE  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from evals.lm_eval_adapter import MorBenchLM  # noqa: E402
@@ -198,31 +199,11 @@ def test_simple_evaluate_by_registered_name(tmp_path):
     assert "routing=causal" in str(res["config"]["model_args"])
 
 
-MICRO_EVAL_SUITE = """
-name = "microeval"
-seeds = [0]
-[data]
-corpus = "synthetic"
-synthetic_docs = 200
-seq_len = 64
-val_windows = 8
-[budget]
-tokens = [2048]
-[train]
-batch_size = 4
-threads = 1
+# The shared two-model micro suite plus few-shot evaluation on the synthetic tasks.
+MICRO_EVAL_SUITE = MICRO_SUITE + """
 [eval]
 tasks = ["mor_synthetic"]
 limit = 8
-[defaults]
-preset = "micro"
-[[models]]
-name = "vanilla"
-family = "vanilla"
-[[models]]
-name = "mor-2"
-family = "mor"
-num_recursions = 2
 """
 
 
@@ -233,7 +214,7 @@ def test_suite_records_few_shot_accuracy_and_cli_eval(tmp_path, capsys):
     from evals.cli import main
     from evals.fewshot import SYNTHETIC_TASKS
 
-    suite = tmp_path / "microeval.toml"
+    suite = tmp_path / "micro.toml"
     suite.write_text(MICRO_EVAL_SUITE)
     assert main(["run", str(suite), "--out", str(tmp_path / "runs"), "--json",
                  "--cache-dir", str(tmp_path / "cache")]) == 0
@@ -251,7 +232,7 @@ def test_suite_records_few_shot_accuracy_and_cli_eval(tmp_path, capsys):
             assert res["stderr"]["acc"] >= 0.0
     assert set(records["mor-2"]["metrics"]["fewshot"]["by_routing"]) == {"topk", "causal"}
     assert records["mor-2"]["metrics"]["fewshot"]["routing"] == "topk"
-    table = (tmp_path / "runs").glob("microeval-*/report.csv")
+    table = (tmp_path / "runs").glob("micro-*/report.csv")
     header = next(table).read_text().splitlines()[0].split(",")
     assert {f"fs:{t}" for t in SYNTHETIC_TASKS} | {"fewshot_avg"} <= set(header)
 
