@@ -1,0 +1,161 @@
+"""Static (preallocated) KV caches for incremental decoding, one class for all families.
+
+A cache holds one *entry* per layer application that stores keys/values, each a pair of
+tensors [max_batch, n_kv_heads, capacity, head_dim] preallocated for `max_batch` sequence
+slots, plus the number of tokens each slot has stored (`lengths` [entries, max_batch]).
+Keys are stored after RoPE, so an entry needs no positions: attention at a slot covers its
+first `lengths` tokens, which are in causal order.
+
+    vanilla     one entry per layer, capacity max_len
+    recursive   one entry per recursion of every shared layer (each visit its own slot)
+    MoR cache   recursion-wise caching (MOR_SPEC section 4): entry (layer j, recursion r)
+                stores only the tokens routed to step r; with kv_capacity="routed" its
+                capacity is k_r = max(1, floor(c_r * max_len)) tokens, so the bytes equal
+                `mor.flops.kv_cache_bytes` -- the paper's (N_r + 1) / (2 N_r) of vanilla for
+                the recursion block. With "full" every entry can hold max_len tokens.
+    MoR share   recursive KV sharing: only recursion 1 stores keys/values; deeper
+                recursions READ the first recursion's entry (`read_entry`), 1 / N_r.
+
+The first and last (unique) layers of MoR and every vanilla layer hold every token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mor import flops
+from mor.config import ModelConfig
+from mor.errors import ConfigError
+
+KV_CAPACITY = ("routed", "full")
+
+
+class CacheFullError(ConfigError):
+    """A slot's entry has no room left (a prompt longer than the cache, or a prefill that
+    routes more tokens to a recursion step than its routed capacity holds)."""
+
+
+def _applications(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(unique layer, recursion) of every layer application in the unrolled stack, in order."""
+    visits: dict[int, int] = {}
+    out = []
+    for i in cfg.schedule():
+        visits[i] = visits.get(i, 0) + 1
+        out.append((i, visits[i]))
+    return out
+
+
+class KVCache:
+    """Preallocated keys/values for `max_batch` slots of up to `max_len` tokens each."""
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, *,
+                 kv_capacity: str = "routed", dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        if kv_capacity not in KV_CAPACITY:
+            raise ConfigError(f"kv_capacity must be one of {KV_CAPACITY}, got {kv_capacity!r}")
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ConfigError(f"max_len must be in 1..max_seq_len={cfg.max_seq_len}, got "
+                              f"{max_len}; raise max_seq_len in the model config")
+        self.cfg, self.max_batch, self.max_len = cfg, max_batch, max_len
+        self.kv_capacity = kv_capacity
+        caps_by_step = flops.step_tokens(cfg, max_len) if cfg.family == "mor" else None
+        shared = set()
+        if cfg.family == "mor":
+            f, b = cfg.num_unique_first, cfg.num_shared
+            shared = set(range(f, f + b))
+        self.entry_of: dict[tuple[int, int], int] = {}
+        """(layer, recursion) -> the entry that application WRITES (absent: writes none)."""
+        self.read_of: dict[tuple[int, int], int] = {}
+        """(layer, recursion) -> the entry that application attends over."""
+        self.capacity: list[int] = []
+        self.keys: list[tuple[int, int]] = []
+        apps = (_applications(cfg) if cfg.family != "mor" else
+                [(i, 1) for i in range(cfg.num_unique_first)]
+                + [(j, r) for r in range(1, cfg.num_recursions + 1) for j in sorted(shared)]
+                + [(i, 1) for i in range(cfg.num_unique_first + cfg.num_shared,
+                                         cfg.num_unique_layers)])
+        for layer, r in apps:
+            if layer in shared and cfg.kv == "share" and r > 1:
+                self.read_of[(layer, r)] = self.entry_of[(layer, 1)]
+                continue
+            cap = max_len
+            if layer in shared and kv_capacity == "routed":
+                cap = caps_by_step[r - 1]
+            self.entry_of[(layer, r)] = self.read_of[(layer, r)] = len(self.capacity)
+            self.capacity.append(cap)
+            self.keys.append((layer, r))
+        shape = (max_batch, cfg.n_kv_heads)
+        self.k = [torch.zeros(*shape, c, cfg.head_dim, dtype=dtype, device=device)
+                  for c in self.capacity]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.lengths = torch.zeros(len(self.capacity), max_batch, dtype=torch.long,
+                                   device=device)
+        self._cap = torch.tensor(self.capacity, dtype=torch.long, device=device)
+
+    # --- accounting --------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of all preallocated key and value tensors (what the cache costs)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def expected_nbytes(self) -> int:
+        """`mor.flops.kv_cache_bytes` for this cache's shape: equal to `nbytes()`."""
+        elem = self.k[0].element_size()
+        steps = None
+        if self.cfg.family == "mor" and self.kv_capacity == "full":
+            steps = [self.max_len] * self.cfg.num_recursions
+        return flops.kv_cache_bytes(self.cfg, self.max_len, self.max_batch, elem, steps)
+
+    def stored_tokens(self, slot: int | None = None) -> int:
+        """(layer application, token) pairs stored, for one slot or all."""
+        lens = self.lengths if slot is None else self.lengths[:, slot]
+        return int(lens.sum())
+
+    # --- slots -------------------------------------------------------------------------------
+    def reset(self, slots: Tensor | list[int] | int | None = None) -> None:
+        """Forget what slots hold (all slots when None); the memory stays allocated."""
+        if slots is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[:, slots] = 0
+
+    def has_room(self, entry: int, slots: Tensor) -> Tensor:
+        """[n] bool: the slots can store one more token in `entry`."""
+        return self.lengths[entry, slots] < self._cap[entry]
+
+    def write(self, entry: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Append one token per slot: k, v [n, n_kv_heads, head_dim]. Slots must be distinct
+        and have room (callers route tokens away from a full entry first)."""
+        pos = self.lengths[entry, slots]
+        if bool((pos >= self.capacity[entry]).any()):
+            layer, r = self.keys[entry]
+            raise CacheFullError(f"KV cache entry (layer {layer}, recursion {r}) is full "
+                                 f"({self.capacity[entry]} tokens)")
+        self.k[entry][slots, :, pos] = k.to(self.k[entry].dtype)
+        self.v[entry][slots, :, pos] = v.to(self.v[entry].dtype)
+        self.lengths[entry, slots] = pos + 1
+
+    def load(self, entry: int, slot: int, k: Tensor, v: Tensor) -> None:
+        """Replace a slot's content of `entry` with k, v [n_kv_heads, S, head_dim] (prefill)."""
+        s = k.shape[1]
+        if s > self.capacity[entry]:
+            layer, r = self.keys[entry]
+            raise CacheFullError(
+                f"prefill stores {s} tokens in KV entry (layer {layer}, recursion {r}) whose "
+                f"capacity is {self.capacity[entry]}; the prompt routes more tokens to this "
+                "step than its capacity -- use kv_capacity='full' or a shorter prompt")
+        self.k[entry][slot, :, :s] = k
+        self.v[entry][slot, :, :s] = v
+        self.lengths[entry, slot] = s
+
+    def read(self, entry: int, slots: Tensor, all_slots: bool = False
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values [n, n_kv_heads, S, head_dim] and lengths [n] of the slots, S the
+        longest of them. `all_slots`: `slots` is arange(max_batch), so views suffice."""
+        lengths = self.lengths[entry, slots]
+        s = int(lengths.max())
+        if all_slots:
+            return self.k[entry][:, :, :s], self.v[entry][:, :, :s], lengths
+        return self.k[entry][slots, :, :s], self.v[entry][slots, :, :s], lengths
