@@ -2,6 +2,9 @@
 
     mor-bench route RUN_DIR/mor-3-1.2e12F-s0 --text "12 + 39 = 51. the cat sat."
 
+`depth_export` / `write_depth_export` save the depths of one sample text as
+RUN_DIR/<run_id>/depth_sample.json, which `reports.figures` draws as a depth map.
+
 The depth of a token is the number of recursion steps it took (expert-choice: steps that
 selected it; token-choice: the depth its router assigned). Every function returns plain
 data (lists, dicts) so reports can draw it without running a model.
@@ -9,6 +12,7 @@ data (lists, dicts) so reports can draw it without running a model.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,10 +60,13 @@ def depth_summary(depths: torch.Tensor, num_recursions: int,
     return out
 
 
-def route_text(model: CausalLM, tokenizer, text: str) -> dict[str, Any]:
-    """Depth of every token of `text` (one sequence, truncated to the model's max_seq_len),
-    with each token's text piece."""
-    ids = tokenizer.encode(text)[: model.cfg.max_seq_len]
+def route_text(model: CausalLM, tokenizer, text: str,
+               max_tokens: int | None = None) -> dict[str, Any]:
+    """Depth of every token of `text` (one sequence, truncated to the model's max_seq_len
+    and to `max_tokens`), with each token's text piece."""
+    limit = model.cfg.max_seq_len if max_tokens is None else min(max_tokens,
+                                                                  model.cfg.max_seq_len)
+    ids = tokenizer.encode(text)[:limit]
     if not ids:
         raise ConfigError("the text is empty after tokenization; pass some text")
     depths = token_depths(model, torch.tensor([ids]))[0].tolist()
@@ -68,6 +75,69 @@ def route_text(model: CausalLM, tokenizer, text: str) -> dict[str, Any]:
             "num_recursions": model.cfg.num_recursions,
             "tokens": [{"id": i, "text": p, "depth": d}
                        for i, p, d in zip(ids, pieces, depths)]}
+
+
+DEPTH_SAMPLE = "depth_sample.json"
+"""File name of a run's depth export, next to its record.json."""
+
+# A default sample: filler prose, arithmetic, recall and variable tracking, as in the
+# synthetic corpus (evals/synthetic.py), so the depth map shows the classes side by side.
+DEFAULT_SAMPLE_TEXT = (
+    "The old garden painted the horse. Note that 43 + 28 = 71. 342 - 52 = 290.\n"
+    "Trace this: e=19. r=e. r=r+5. t=r-1. r? 24. e? 19.\n"
+    "A bird sat in the park. Every day the ship rested slowly. 97 * 4 = 388.")
+
+
+def depth_export(model: CausalLM, tokenizer, text: str = DEFAULT_SAMPLE_TEXT, *,
+                 max_tokens: int = 256) -> dict[str, Any]:
+    """Per-token depths of `text` (at most `max_tokens` tokens) under the model's current
+    evaluation routing, as plain JSON-able data:
+    {"tokens": [piece], "depths": [int], "ids": [int], "routing": mode,
+     "num_recursions": N_r, "router": "expert" | "token", "text": the routed text}."""
+    routed = route_text(model, tokenizer, text, max_tokens=max_tokens)
+    toks = routed["tokens"]
+    return {"tokens": [t["text"] for t in toks], "depths": [int(t["depth"]) for t in toks],
+            "ids": [int(t["id"]) for t in toks], "routing": routed["routing"],
+            "num_recursions": int(routed["num_recursions"]), "router": model.cfg.router,
+            "text": "".join(t["text"] for t in toks)}
+
+
+def write_depth_export(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write a `depth_export` result as JSON (atomically); returns the path."""
+    from evals.records import write_json_atomic
+
+    path = Path(path)
+    check_depth_export(data, where=str(path))
+    write_json_atomic(path, data)
+    return path
+
+
+def read_depth_export(path: str | Path) -> dict[str, Any]:
+    """Load and check a depth export written by `write_depth_export`."""
+    import json
+
+    path = Path(path)
+    data = json.loads(path.read_text())
+    check_depth_export(data, where=str(path))
+    return data
+
+
+def check_depth_export(data: Any, where: str = "depth export") -> None:
+    """Raise ConfigError unless `data` has matching tokens/depths and depths in 0..N_r."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in ("tokens", "depths", "routing", "num_recursions") if k not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    tokens, depths, nr = data["tokens"], data["depths"], data["num_recursions"]
+    if not isinstance(nr, int) or nr < 1:
+        raise ConfigError(f"{where}: num_recursions must be a positive int, got {nr!r}")
+    if not isinstance(tokens, list) or not isinstance(depths, list) or \
+            len(tokens) != len(depths):
+        raise ConfigError(f"{where}: tokens and depths must be lists of equal length")
+    bad = [d for d in depths if not isinstance(d, int) or not 0 <= d <= nr]
+    if bad:
+        raise ConfigError(f"{where}: depths must be ints in 0..{nr}, got {bad[:3]}")
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str]:
