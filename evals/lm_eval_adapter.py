@@ -194,6 +194,27 @@ class MorBenchLM(TemplateLM):
 
 
 # --- running task lists ----------------------------------------------------------------------
+ITEM_METRICS = ("acc", "acc_norm")
+
+
+def sample_items(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Compact per-item correctness from lm-eval's logged samples of one task:
+    [{"doc_id": int, "acc": 0/1, "acc_norm": 0/1 (when the task has it)}], sorted by doc_id,
+    one entry per document (a document logged under several filters keeps its first)."""
+    items: dict[int, dict[str, Any]] = {}
+    for sample in samples:
+        doc_id = int(sample["doc_id"])
+        if doc_id in items:
+            continue
+        item: dict[str, Any] = {"doc_id": doc_id}
+        for metric in ITEM_METRICS:
+            value = sample.get(metric)
+            if isinstance(value, (bool, int, float)):
+                item[metric] = int(value) if value in (0, 1) else float(value)
+        items[doc_id] = item
+    return [items[k] for k in sorted(items)]
+
+
 def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
               num_fewshot: int | None = 0, limit: int | None = None,
               log_samples: bool = False) -> dict[str, Any]:
@@ -201,7 +222,9 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     else from lm-eval's own task index (which needs the Hub for its datasets).
 
     Returns {"tasks": {name: {"metrics": {metric: value}, "stderr": {metric: value},
-    "n": docs}}, "num_fewshot", "limit", "routing", "lm_eval_version"}."""
+    "n": docs}}, "num_fewshot", "limit", "routing", "lm_eval_version"}; with `log_samples`
+    also "items": {task: `sample_items`} (per-item correctness for paired tests; lm-eval's
+    full samples, prompts included, are not returned)."""
     from importlib import metadata
 
     import lm_eval
@@ -243,7 +266,10 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
 
     for name in out:
         out[name]["n"] = items(name)
-    return {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
-            "routing": getattr(lm, "routing", None),
-            "lm_eval_version": metadata.version("lm_eval"),
-            "samples": res.get("samples") if log_samples else None}
+    result = {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
+              "routing": getattr(lm, "routing", None),
+              "lm_eval_version": metadata.version("lm_eval")}
+    if log_samples:
+        result["items"] = {task: sample_items(samples)
+                           for task, samples in (res.get("samples") or {}).items()}
+    return result
