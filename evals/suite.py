@@ -12,6 +12,8 @@ every training length planned -- before any data is touched or any step is train
     [defaults] model config fields (and `preset`) applied to every model
     [[models]] name = "...", then `preset` and any `mor.ModelConfig` field; an optional
                `budget = {tokens = ...}` replaces the suite budget for that model
+    [eval]     few-shot tasks through lm-evaluation-harness (`EvalSettings`)
+    [infer]    generation-throughput benchmark after training (`evals.infer_bench`)
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Any
 
 from evals.budget import Budget, TrainPlan, plan_training
 from evals.data import DataSpec
+from evals.infer_bench import InferSettings
 from evals.train import TrainConfig
 from mor.config import ModelConfig
 from mor.errors import ConfigError
 
 _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models",
-             "eval"}
+             "eval", "infer"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ class Suite:
     train: TrainConfig
     models: tuple[ModelEntry, ...]
     evaluation: EvalSettings = EvalSettings()
+    infer: InferSettings | None = None
+    """The [infer] table: after training, every model's generation throughput, measured
+    side by side (`evals.infer_bench`); None = no inference phase."""
 
     @property
     def sha256(self) -> str:
@@ -285,9 +291,14 @@ def parse_suite(text: str, source: str) -> Suite:
                               f"{'non-negative' if key == 'num_fewshot' else 'positive'} "
                               f"integer, got {value!r}")
     evaluation = EvalSettings(**{**eval_raw, "tasks": tuple(tasks)})
+    infer = None
+    if "infer" in raw:
+        if not isinstance(raw["infer"], dict):
+            raise ConfigError(f"{source}: [infer] must be a table of benchmark settings")
+        infer = InferSettings.from_dict(raw["infer"], where=f"{source}: [infer] ")
     return Suite(name=name, description=str(raw.get("description", "")), source=source,
                  text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
-                 evaluation=evaluation)
+                 evaluation=evaluation, infer=infer)
 
 
 def plan_runs(suite: Suite) -> list[RunSpec]:

@@ -80,7 +80,7 @@ class _Group:
     """Tokens of one stage call at the same recursion step."""
 
     r: int
-    sel: Tensor | None  # rows of the call (None: all)
+    sel: Tensor | slice | None  # rows of the call (None: all)
     slots: Tensor
     wpos: Tensor | None  # where each token's keys/values go (None: reads only)
     seen: Tensor  # tokens each row attends over
@@ -187,9 +187,15 @@ class Engine:
         if isinstance(rec, int):
             parts = [(rec, None)]
         else:
-            rs = rec.unique().tolist()
-            parts = ([(int(rs[0]), None)] if len(rs) == 1 else
-                     [(int(r), (rec == r).nonzero().squeeze(1)) for r in rs])
+            rs, counts = rec.unique_consecutive(return_counts=True)
+            rs, counts = rs.tolist(), counts.tolist()
+            if len(rs) == 1:
+                parts = [(int(rs[0]), None)]
+            elif len(set(rs)) == len(rs):  # sorted by recursion: each group a slice (views)
+                ends = [sum(counts[: i + 1]) for i in range(len(counts))]
+                parts = [(int(r), slice(e - c, e)) for r, c, e in zip(rs, counts, ends)]
+            else:
+                parts = [(int(r), (rec == r).nonzero().squeeze(1)) for r in sorted(set(rs))]
         groups = []
         for r, sel in parts:
             s_slots = slots if sel is None else slots[sel]
@@ -240,11 +246,9 @@ class Engine:
                 cache.v[w][g.slots, :, g.wpos] = v
                 cache.lengths[w, g.slots] = g.seen
             e = cache.read_of[(li, g.r)]
-            if g.all_slots:
-                keys, values = cache.k[e][:, :, : g.width], cache.v[e][:, :, : g.width]
-            else:
-                keys = cache.k[e][g.slots, :, : g.width]
-                values = cache.v[e][g.slots, :, : g.width]
+            keys, values = cache.k[e][:, :, : g.width], cache.v[e][:, :, : g.width]
+            if not g.all_slots:
+                keys, values = keys.index_select(0, g.slots), values.index_select(0, g.slots)
             qs = q if g.sel is None else q[g.sel]
             o = F.scaled_dot_product_attention(qs.unsqueeze(2), keys, values,
                                                attn_mask=g.mask,
@@ -590,6 +594,8 @@ class _Run:
             act = self.active.nonzero().squeeze(1)
             if act.numel() == 0:
                 break
+            # Tokens of the same step next to each other: each step's rows are a view.
+            act = act[rec[act].argsort(stable=True)]
             y = e._shared(h[act], self.pos[act], act, rec[act], act.numel() == s)
             if token:
                 h[act] = y
