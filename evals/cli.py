@@ -3,12 +3,14 @@
     mor-bench models [--json]                     presets x families: params and FLOPs
     mor-bench suites                              the built-in suites
     mor-bench run SUITE [--dry-run] [--json]      train a suite, write records and a report
-    mor-bench report RUN_DIR [--json]             re-render the comparison table
+    mor-bench report RUN_DIR [--json] [--screenshot]   tables, figures, index.html
+    mor-bench check RUN_DIR --baseline FILE [--update]  regression gate against a baseline
     mor-bench eval CHECKPOINT --tasks mor_synthetic   few-shot accuracy via lm-eval
     mor-bench data benchmarks                     offline copies of the paper's benchmarks
     mor-bench route CHECKPOINT --text "..."       tokens coloured by their recursion depth
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
     mor-bench bench-train --preset small          training tokens/s and MFU (variants A/B)
+    mor-bench bench-infer RUN_DIR                 generation tokens/s (MoR depth-wise batching)
 
 Bad input (unknown preset, impossible model, missing corpus, malformed suite) is reported
 as one line on stderr with exit code 2, before any training starts.
@@ -29,7 +31,8 @@ EXAMPLES = """examples:
   mor-bench run smoke                      # the built-in CPU suite (~4 min on 2 cores)
   mor-bench run paper-360m --dry-run       # plan the paper's Table 3 models, no training
   mor-bench run my_suite.toml --corpus ../shared/data/corpus/prose_en.jsonl.gz
-  mor-bench report runs/smoke-20261129-101500-a1b2c3
+  mor-bench report runs/smoke-latest --screenshot   # index.html (+ report.png)
+  mor-bench check runs/smoke-latest --baseline reports/baselines/smoke.json
   mor-bench models --json | jq '.[] | select(.preset == "360m")'
 """
 
@@ -139,14 +142,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                         shown, list(shown[0]))
         return 0
 
-    from evals.runner import DEFAULT_CACHE, run_suite
-    from reports.table import format_table, render_report
+    from evals.runner import DEFAULT_CACHE, SuiteProgress, run_suite
+    from reports.html import build_report
+    from reports.table import format_table
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
-    run_dir, records, failed = run_suite(suite, Path(args.out), corpus=args.corpus,
-                                         cache_dir=cache, log=log)
-    report = render_report(run_dir)
+    # A live table on a terminal; plain log lines otherwise (CI logs, pipes).
+    progress = SuiteProgress()
+    if progress.live:
+        progress.start()
+    try:
+        run_dir, records, failed = run_suite(suite, Path(args.out), corpus=args.corpus,
+                                             cache_dir=cache, log=log, on_status=progress,
+                                             live=progress.live)
+    finally:
+        progress.stop()
+    progress.print_summary(records)
     latest = Path(args.out) / f"{suite.name}-latest"
     try:
         if latest.is_symlink() or latest.exists():
@@ -154,8 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         latest.symlink_to(run_dir.name)
     except OSError:
         pass  # a convenience only (e.g. filesystems without symlinks)
+    report = build_report(run_dir)
     if args.json:
         _print_json({"run_dir": str(run_dir), "report": report["markdown"],
+                     "html": report["html"], "figures": report["figures"],
                      "failed": failed, "records": [r["run_id"] for r in records],
                      "table": json.loads(report["table"].to_json(orient="records"))})
     else:
@@ -164,8 +178,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "train_time_s", "tokens_per_s", "rel_tokens_per_s", "peak_mem_mb", "mfu"]
         if "fewshot_avg" in report["table"].columns:
             cols.insert(6, "fewshot_avg")
-        _rich_table(f"suite {suite.name}", shown, cols)
-        print(f"report: {report['markdown']}")
+        if shown:
+            _rich_table(f"suite {suite.name}", shown, cols)
+        print(f"report: {report['html']} (also {report['markdown']})")
     if failed:
         print(f"mor-bench: {len(failed)} run(s) failed: {', '.join(failed)}; see error.txt in "
               f"their directories under {run_dir}", file=sys.stderr)
@@ -174,17 +189,83 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Render RUN_DIR/report.md and report.csv from the run's records."""
-    from reports.table import render_report, to_markdown
+    """Render the report of a run directory from its records: report.md and report.csv
+    (tables), figures/ (PNG and SVG), and index.html -- one self-contained page with the
+    tables, the figures and the run's provenance. --screenshot also saves report.png, the
+    page as headless Chromium renders it."""
+    from reports.html import build_report, find_browser
+    from reports.table import to_markdown
 
-    report = render_report(args.run_dir)
+    if args.screenshot and find_browser() is None:
+        from reports.html import NO_BROWSER
+
+        raise MorBenchError(f"--screenshot: {NO_BROWSER}")
+    report = build_report(args.run_dir, screenshot=args.screenshot)
+    table = report.pop("table")
     if args.json:
-        table = report.pop("table")
         _print_json({**report, "table": json.loads(table.to_json(orient="records"))})
     else:
-        print(to_markdown(report["table"]))
-        print(f"\nwrote {report['markdown']} and {report['csv']}")
+        print(to_markdown(table))
+        print(f"\nwrote {report['html']}, {report['markdown']} and {report['csv']}"
+              + (f"; {len(report['figures'])} figures" if report["figures"] else ""))
+        if report.get("screenshot"):
+            print(f"screenshot: {report['screenshot']}")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Regression gate: compare a run with a baseline JSON (per-model metrics and their
+    tolerances, written by --update). Exit 0 if every metric is within tolerance, 1 on a
+    regression (or a model/metric missing from the run, or a failed run), 2 on bad input.
+
+    Compared per model: val_nll (absolute), training tokens/s relative to vanilla in the
+    same run (relative; never absolute speeds), inference tokens/s relative to vanilla
+    when measured, few-shot accuracy per task (judged with its stderr)."""
+    from reports.gate import check_run, summary_line, write_baseline
+
+    if args.update:
+        doc = write_baseline(args.run_dir, args.baseline)
+        msg = (f"wrote baseline {args.baseline} from {args.run_dir}: {len(doc['models'])} "
+               f"models, suite {doc['suite']['name']}")
+        if args.json:
+            _print_json({"updated": True, "baseline": str(args.baseline),
+                         "models": sorted(doc["models"])})
+            print(msg, file=sys.stderr)
+        else:
+            print(msg)
+        return 0
+    result = check_run(args.run_dir, args.baseline)
+    if args.json:
+        _print_json(result)
+    else:
+        _check_table(result)
+        for note in result["notes"]:
+            print(f"note: {note}")
+    line = summary_line(result)
+    print(line if result["passed"] else f"mor-bench: {line}",
+          file=sys.stderr if args.json or not result["passed"] else sys.stdout)
+    return 0 if result["passed"] else 1
+
+
+def _check_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rec = result.get("recorded") or {}
+    table = Table(title=f"{result['run_dir']} vs {result['baseline']} (recorded on "
+                        f"{rec.get('hardware') or '?'}, commit {str(rec.get('commit'))[:10]})",
+                  title_justify="left")
+    for col in ("model", "metric", "baseline", "now", "delta", "tolerance", "verdict"):
+        table.add_column(col, justify="left" if col in ("model", "metric", "verdict")
+                         else "right")
+    styles = {"regression": "bold red", "missing": "bold red", "failed": "bold red",
+              "improved": "green", "new": "cyan", "ok": ""}
+    for r in result["rows"]:
+        verdict = r["verdict"] + (f" ({r['note']})" if r.get("note") else "")
+        style = styles.get(r["verdict"], "")
+        table.add_row(r["model"], r["metric"], r["baseline"], r["now"], r["delta"],
+                      r["tolerance"], f"[{style}]{verdict}[/]" if style else verdict)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -385,9 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON on stdout (logs go to "
                    "stderr)")
 
-    p = add("report", cmd_report, "render the comparison table of a run directory")
+    p = add("report", cmd_report, "render tables, figures and index.html of a run directory")
     p.add_argument("run_dir", help="a directory written by `mor-bench run`")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--screenshot", action="store_true", help="also save RUN_DIR/report.png, "
+                   "the page as headless Chromium renders it (needs chromium on PATH)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (paths)")
+
+    p = add("check", cmd_check, "regression gate: compare a run with a baseline")
+    p.add_argument("run_dir", help="a directory written by `mor-bench run`")
+    p.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON, e.g. "
+                   "reports/baselines/smoke.json")
+    p.add_argument("--update", action="store_true", help="(re)write FILE from this run "
+                   "(keeping its tolerances) instead of checking")
+    p.add_argument("--json", action="store_true", help="the comparison as JSON on stdout")
 
     p = add("eval", cmd_eval, "few-shot accuracy of a checkpoint through lm-eval")
     p.add_argument("checkpoint", help="a run directory (holds model.safetensors)")
@@ -428,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from evals import infer_bench
+
+    p = add("bench-infer", infer_bench.cmd_bench_infer, "generation tokens/s of checkpoints "
+            "side by side (continuous batching; MoR depth-wise)")
+    infer_bench.add_arguments(p)
 
     p = sub.add_parser("data", help="fetch and prepare data sets (see `mor-bench data -h`)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="WHAT")

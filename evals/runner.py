@@ -7,7 +7,14 @@ Layout of a suite run directory (never reused; the id holds a timestamp and rand
     RUN_DIR/plan.json           every planned run (what --dry-run prints)
     RUN_DIR/data/               packed train/val windows (.npy) and the tokenizer spec
     RUN_DIR/<run_id>/record.json, model.safetensors, config.json   one per run
-    RUN_DIR/report.md, report.csv
+    RUN_DIR/<run_id>/fewshot_items.json   per-item few-shot scores, by routing mode ([eval])
+    RUN_DIR/<run_id>/depth_sample.json    per-token depths of a validation window (MoR)
+    RUN_DIR/<run_id>/run.log              the run process's output (live terminal view only)
+    RUN_DIR/report.md, report.csv, index.html, figures/
+
+Progress: each run process reports its phase (data, training, validation, few-shot,
+saving) and training step to the parent through a queue; the parent shows a live table on
+a terminal (`SuiteProgress`) or keeps plain log lines otherwise (CI logs).
 
 One process per run makes the CPU peak-memory figure that run's own, and a crash in one run
 leaves the others' records intact (the failed run gets a record with status "failed").
@@ -17,10 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import secrets
+import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import UTC, datetime
@@ -123,45 +134,164 @@ def save_suite_data(suite: Suite, prepared, run_dir: Path) -> dict[str, Any]:
 # one run, in its own process
 
 
-def _progress(total: int, label: str):
-    """A step callback: a rich bar on a terminal, a plain line every ~10% otherwise. Both
-    go to stderr: stdout carries only results (`mor-bench run --json` prints JSON there)."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+PHASES = ("queued", "data", "training", "validation", "few-shot", "saving", "done", "failed")
+"""The phases a run goes through, in order ("failed" can follow any of them)."""
 
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
-                            console=Console(stderr=True))
-        task = progress.add_task(label, total=total, loss=float("nan"))
-        progress.start()
+
+class StatusSender:
+    """The run process's side of progress reporting: phase changes and training steps as
+    small dicts on a multiprocessing queue (the parent's `run_suite` relays them to its
+    `on_status` callback). In plain mode it also prints a line every ~10% of the steps to
+    stderr, the log a CI job keeps; stdout stays for results (`mor-bench run --json`)."""
+
+    def __init__(self, run_id: str, queue=None, plain: bool = True,
+                 min_interval_s: float = 0.25):
+        self.run_id, self.queue, self.plain = run_id, queue, plain
+        self.min_interval_s = min_interval_s
+        self._last_sent = 0.0
+        self._t_train = time.perf_counter()
+
+    def _send(self, event: dict[str, Any]) -> None:
+        if self.queue is not None:
+            self.queue.put({"run_id": self.run_id, "time": time.time(), **event})
+
+    def phase(self, name: str, **info: Any) -> None:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}")
+        if name == "training":
+            self._t_train = time.perf_counter()
+        self._send({"phase": name, **info})
+
+    def step_callback(self, total: int):
+        """An `on_step(step, loss, lr)` for `evals.train.train`."""
+        every = max(1, total // 10)
 
         def on_step(step: int, loss: float, lr: float) -> None:
-            progress.update(task, completed=step + 1, loss=loss)
-            if step + 1 == total:
-                progress.stop()
+            now = time.perf_counter()
+            last = step + 1 == total
+            if last or now - self._last_sent >= self.min_interval_s:
+                self._last_sent = now
+                self._send({"phase": "training", "step": step + 1, "total": total,
+                            "loss": loss})
+            if self.plain and ((step + 1) % every == 0 or last):
+                print(f"  {self.run_id}: step {step + 1}/{total} loss {loss:.4f} lr {lr:.2e} "
+                      f"({now - self._t_train:.0f}s)", file=sys.stderr, flush=True)
         return on_step
 
-    every = max(1, total // 10)
-    t0 = time.perf_counter()
 
-    def on_step(step: int, loss: float, lr: float) -> None:
-        if (step + 1) % every == 0 or step + 1 == total:
-            print(f"  {label}: step {step + 1}/{total} loss {loss:.4f} lr {lr:.2e} "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-    return on_step
+class SuiteProgress:
+    """The parent's view of a suite run, fed with status events (`__call__`).
+
+    live=True (a terminal): a rich table on stderr, one row per run -- model, phase,
+    step/total, loss, elapsed, ETA -- refreshed in place. live=False: nothing extra (the
+    runner's plain log lines stand). Either way `summary()` is the final table (model,
+    status, val NLL, tokens/s, time) and `rows` holds the latest state of every run."""
+
+    def __init__(self, live: bool | None = None, console=None):
+        from rich.console import Console
+
+        self.live = sys.stderr.isatty() if live is None else live
+        self.console = console or Console(stderr=True, width=None if sys.stderr.isatty()
+                                          else 160)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._live = None
+        self._t0 = time.perf_counter()
+
+    # events ----------------------------------------------------------------------------
+    def __call__(self, event: dict[str, Any]) -> None:
+        row = self.rows.setdefault(event["run_id"], {"run_id": event["run_id"]})
+        phase = event.get("phase")
+        now = time.perf_counter()
+        if phase and phase != row.get("phase"):
+            row["phase"] = phase
+            if phase != "queued" and row.get("t_start") is None:
+                row["t_start"] = now
+            if phase == "training":
+                row["t_train"] = now
+            if phase in ("done", "failed"):
+                row["t_end"] = now
+        for key in ("model", "step", "total", "loss", "val_nll", "tokens_per_s", "error",
+                    "wall_s"):
+            if key in event:
+                row[key] = event[key]
+        if self._live is not None:
+            self._live.update(self.table(), refresh=phase in ("done", "failed"))
+
+    def start(self) -> None:
+        if self.live and self._live is None:
+            from rich.live import Live
+
+            self._live = Live(self.table(), console=self.console, refresh_per_second=4,
+                              get_renderable=self.table, transient=False)
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.update(self.table(), refresh=True)
+            self._live.stop()
+            self._live = None
+
+    # views -----------------------------------------------------------------------------
+    @staticmethod
+    def _clock(seconds: float | None) -> str:
+        if seconds is None or not math.isfinite(seconds):
+            return "-"
+        m, s = divmod(int(round(seconds)), 60)
+        return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+    def eta(self, row: dict[str, Any]) -> float | None:
+        """Seconds left in the training phase, from the step rate so far."""
+        if row.get("phase") != "training" or not row.get("step") or not row.get("total"):
+            return None
+        elapsed = time.perf_counter() - row.get("t_train", time.perf_counter())
+        return elapsed * (row["total"] - row["step"]) / row["step"]
+
+    def table(self):
+        from rich.table import Table
+
+        done = sum(r.get("phase") in ("done", "failed") for r in list(self.rows.values()))
+        table = Table(title=f"suite: {done}/{len(self.rows)} runs finished, "
+                            f"{self._clock(time.perf_counter() - self._t0)} elapsed",
+                      title_justify="left")
+        for col in ("model", "phase", "step", "loss", "elapsed", "ETA"):
+            table.add_column(col, justify="left" if col in ("model", "phase") else "right")
+        styles = {"done": "green", "failed": "bold red", "queued": "grey50"}
+        for row in list(self.rows.values()):  # the refresh thread reads while events arrive
+            phase = row.get("phase", "queued")
+            step = (f"{row['step']}/{row['total']}" if row.get("total") and row.get("step")
+                    else "-")
+            end = row.get("t_end") or time.perf_counter()
+            elapsed = end - row["t_start"] if row.get("t_start") else None
+            loss = row.get("loss")
+            table.add_row(row["run_id"], f"[{styles.get(phase, 'bold')}]{phase}[/]", step,
+                          "-" if loss is None else f"{loss:.3f}", self._clock(elapsed),
+                          self._clock(self.eta(row)))
+        return table
+
+    def summary(self, records: list[dict[str, Any]]):
+        """The final table: one row per run with status, val NLL, tokens/s and time."""
+        from rich.table import Table
+
+        table = Table(title="suite summary", title_justify="left")
+        for col in ("model", "status", "val NLL", "tokens/s", "time"):
+            table.add_column(col, justify="left" if col in ("model", "status") else "right")
+        for rec in records:
+            m = rec.get("metrics") or {}
+            row = self.rows.get(rec.get("run_id"), {})
+            ok = rec.get("status") == "ok"
+            nll, tps = m.get("val_nll"), m.get("tokens_per_s")
+            table.add_row(rec.get("run_id", "?"), "[green]ok[/]" if ok else "[bold red]failed[/]",
+                          "-" if nll is None else f"{nll:.4f}",
+                          "-" if tps is None else f"{tps:,.0f}", self._clock(row.get("wall_s")))
+        return table
+
+    def print_summary(self, records: list[dict[str, Any]]) -> None:
+        self.console.print(self.summary(records))
 
 
 def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
-                train_cfg: dict[str, Any]) -> dict[str, Any]:
+                train_cfg: dict[str, Any], status: StatusSender | None = None
+                ) -> dict[str, Any]:
     """Train one model and write its checkpoint and record. Runs in a child process."""
     import torch
 
@@ -170,6 +300,8 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     from evals.train import TrainConfig, resolve_device, train
     from mor import build_model, flops, save_checkpoint
 
+    status = status or StatusSender(spec.run_id)
+    status.phase("data")
     started = _utc_now()
     tcfg = TrainConfig(**train_cfg)
     if tcfg.threads:
@@ -187,14 +319,25 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     val_windows = torch.from_numpy(np.load(data_dir / "val.npy").astype(np.int64))
     model = build_model(spec.config)
     batches = iterate_batches(train_windows, tcfg.batch_size, seed=spec.seed)
+    status.phase("training", step=0, total=spec.plan.steps)
     result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
-                   device=device, on_step=_progress(spec.plan.steps, spec.run_id))
+                   device=device, on_step=status.step_callback(spec.plan.steps))
     cfg = spec.config
+    status.phase("validation")
     val, val_by_mode, depth_by_mode = _evaluate(model, cfg, val_windows, data_dir, tcfg, device)
-    fewshot = _fewshot(model, cfg, suite_info.get("eval"), data_dir, device)
     out_dir = run_dir / spec.run_id
+    eval_info = suite_info.get("eval")
+    fewshot = None
+    if eval_info and eval_info.get("tasks"):
+        status.phase("few-shot")
+        fewshot, items = _fewshot(model, cfg, eval_info, data_dir, device)
+        write_json_atomic(out_dir / "fewshot_items.json", items)
+    status.phase("saving")
     tokenizer_spec = json.loads((data_dir / "tokenizer.json").read_text())
     save_checkpoint(model, out_dir, extra={"tokenizer": tokenizer_spec, "run_id": spec.run_id})
+    if cfg.family == "mor":
+        _depth_sample(model, tokenizer_spec, val_windows, data_meta["corpus"],
+                      out_dir / "depth_sample.json")
 
     # Training compute actually done: 3x the exact forward FLOPs (backward = 2x forward).
     train_flops_exact = 3 * spec.plan.flops_per_token_exact * result.tokens
@@ -286,11 +429,33 @@ def _safe_provenance() -> dict[str, Any]:
         return {"error": f"provenance unavailable: {e}"}
 
 
-def _fewshot(model, cfg, eval_info: dict[str, Any] | None, data_dir: Path, device):
+def _depth_sample(model, tokenizer_spec: dict[str, Any], val_windows, corpus: str,
+                  path: Path) -> None:
+    """Per-token recursion depths of one text for the report's depth map, routed as the
+    model is evaluated (its `eval_routing`). On the synthetic corpus: a fixed sentence that
+    holds every difficulty class side by side; on any other corpus: the first held-out
+    validation window, decoded. A failure here is reported, not fatal: the run stands."""
+    from evals.routing import DEFAULT_SAMPLE_TEXT, depth_export, write_depth_export
+    from evals.tokenizer import tokenizer_from_spec
+
+    try:
+        tokenizer = tokenizer_from_spec(tokenizer_spec)
+        if corpus == "synthetic":
+            text, source = DEFAULT_SAMPLE_TEXT, "fixed sample (synthetic corpus classes)"
+        else:
+            text, source = tokenizer.decode(val_windows[0, :-1].tolist()), "validation window 0"
+        data = depth_export(model, tokenizer, text, max_tokens=256)
+        write_depth_export(path, {**data, "source": source})
+    except Exception as e:  # a missing figure must not lose a trained run
+        print(f"warning: {path.parent.name}: no depth sample ({type(e).__name__}: {e})",
+              file=sys.stderr, flush=True)
+
+
+def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
     """Few-shot accuracy through lm-evaluation-harness: per task the metrics, their stderr
-    and the number of items; expert-choice MoR under both routing modes."""
-    if not eval_info or not eval_info.get("tasks"):
-        return None
+    and the number of items; expert-choice MoR under both routing modes. Returns (the
+    record's summary, per-item scores {routing mode: {task: [{doc_id, acc, acc_norm}]}})
+    -- the items go to their own file, not into the record."""
     from evals.lm_tasks import use_offline_if_local
     from evals.tokenizer import tokenizer_from_spec
 
@@ -301,20 +466,21 @@ def _fewshot(model, cfg, eval_info: dict[str, Any] | None, data_dir: Path, devic
     tokenizer = tokenizer_from_spec(json.loads((data_dir / "tokenizer.json").read_text()))
     modes = (("topk", "causal") if cfg.family == "mor" and cfg.router == "expert"
              else (cfg.eval_routing if cfg.family == "mor" else "default",))
-    by_mode = {}
+    by_mode, items = {}, {}
     for mode in modes:
         lm = MorBenchLM(model=model, tokenizer=tokenizer, batch_size=eval_info["batch_size"],
                         device=str(device),
                         routing=mode if cfg.family == "mor" and cfg.router == "expert" else None)
         res = run_tasks(lm, tasks, include_paths=paths, num_fewshot=eval_info["num_fewshot"],
-                        limit=eval_info["limit"])
+                        limit=eval_info["limit"], log_samples=True)
         by_mode[mode] = res["tasks"]
+        items[mode] = res["items"]
     if cfg.family == "mor" and cfg.router == "expert":
         model.set_eval_routing(cfg.eval_routing)
     primary = cfg.eval_routing if cfg.family == "mor" else "default"
     return {"tasks": by_mode[primary], "by_routing": by_mode, "routing": primary,
             "num_fewshot": eval_info["num_fewshot"], "limit": eval_info["limit"],
-            "lm_eval_version": res["lm_eval_version"]}
+            "lm_eval_version": res["lm_eval_version"]}, items
 
 
 def check_eval_tasks(suite: Suite, cache_dir: Path) -> None:
@@ -338,12 +504,26 @@ def prepare_eval(suite: Suite, run_dir: Path, cache_dir: Path) -> dict[str, Any]
             "limit": ev.limit, "batch_size": ev.batch_size}
 
 
-def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict) -> None:
+def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
+                status_queue=None, live: bool = False) -> None:
+    """A run process: train, evaluate, save; on any error write a failure record.
+
+    live=True (the parent draws a live table on the terminal): this process's own output
+    (lm-eval's notes, warnings) goes to RUN_DIR/<run_id>/run.log instead of the terminal."""
     run_dir_p = Path(run_dir)
+    out_dir = run_dir_p / spec.run_id
+    if live:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(out_dir / "run.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(log_fd, 1)  # fd level: C extensions and tqdm bars land there too
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    status = StatusSender(spec.run_id, status_queue, plain=not live)
     try:
-        execute_run(spec, suite_info, run_dir_p, train_cfg)
+        execute_run(spec, suite_info, run_dir_p, train_cfg, status)
     except BaseException as e:  # record the failure, keep the other runs going
-        out_dir = run_dir_p / spec.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "error.txt").write_text(traceback.format_exc())
         write_json_atomic(out_dir / "record.json", {
@@ -355,6 +535,10 @@ def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict) 
         print(f"run {spec.run_id} failed: {type(e).__name__}: {e} (see {out_dir}/error.txt)",
               file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        if status_queue is not None:
+            status_queue.close()
+            status_queue.join_thread()  # every event reaches the parent before exit
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,12 +546,21 @@ def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict) 
 
 
 def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
-              cache_dir: Path = DEFAULT_CACHE, log=print) -> tuple[Path, list[dict], list[str]]:
+              cache_dir: Path = DEFAULT_CACHE, log=print,
+              on_status=None, live: bool = False) -> tuple[Path, list[dict], list[str]]:
     """Train every planned run; returns the run directory, the records written (failed
-    runs included, with status "failed") and the ids of the runs that failed."""
+    runs included, with status "failed") and the ids of the runs that failed.
+
+    `on_status(event)` receives every run's progress as dicts {"run_id", "phase", ...}:
+    "queued" for all runs once the plan is final, then per run, in order, "data",
+    "training" (repeated with "step"/"total"/"loss"), "validation", "few-shot" (suites with
+    [eval]), "saving", and finally "done" (with "val_nll", "tokens_per_s", "wall_s") or
+    "failed" (with "error"). `live`: the caller draws on the terminal, so run processes
+    write their own output to run.log rather than to stderr."""
     from evals.data import check_corpus
     from evals.train import resolve_device
 
+    emit = on_status or (lambda event: None)
     runs = plan_runs(suite)  # validates everything before any data or compute
     try:
         resolve_device(suite.train.device)  # e.g. device = "cuda" on a machine without one
@@ -390,17 +583,69 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     train_cfg = dataclasses.asdict(suite.train)
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
                   "run_dir": str(run_dir), "eval": prepare_eval(suite, run_dir, cache_dir)}
+    for spec in runs:
+        emit({"run_id": spec.run_id, "model": spec.model_name, "phase": "queued",
+              "total": spec.plan.steps, "time": time.time()})
     ctx = mp.get_context("spawn")
+    status_queue = ctx.Queue()
+    # SIGTERM (a CI timeout, `kill`) as KeyboardInterrupt, so the running run process is
+    # stopped too rather than left behind.
+    on_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+    try:
+        records, failed = _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg,
+                                   emit, log, live)
+        if suite.infer is not None and len(failed) < len(runs):
+            records = _infer_phase(suite, run_dir, records, log)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, old_handler)
+        status_queue.close()
+    return run_dir, records, failed
+
+
+def _infer_phase(suite: Suite, run_dir: Path, records: list[dict], log) -> list[dict]:
+    """The suite's [infer] table: every successful run's generation throughput, measured
+    side by side in one process (`evals.infer_bench`); adds metrics["infer"] to the records
+    and writes RUN_DIR/infer.json. A failure here keeps the training results."""
+    from evals.infer_bench import run_suite_phase
+
+    s = suite.infer
+    t0 = time.perf_counter()
+    log(f"inference: {s.samples} samples x ~{s.gen_mean:g} tokens per model, batch "
+        f"{s.batch_size}, {s.repeats} interleaved round(s)")
+    if not run_suite_phase(run_dir, s):
+        log(f"inference phase failed (see {run_dir}/infer_error.txt); training results kept")
+        return records
+    log(f"inference: done in {time.perf_counter() - t0:.0f}s -> {run_dir}/infer.json")
+    return [json.loads((run_dir / r["run_id"] / "record.json").read_text())
+            if (run_dir / r["run_id"] / "record.json").is_file() else r for r in records]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, log, live):
+    """Each run in its own process, one after the other; returns (records, failed ids)."""
     records, failed = [], []
     t0 = time.perf_counter()
     for i, spec in enumerate(runs, 1):
-        log(f"[{i}/{len(runs)}] {spec.run_id}: {spec.config.family} "
-            f"{spec.config.layer_plan}, {spec.plan.steps} steps x "
-            f"{spec.plan.tokens_per_step} tokens")
+        if not live:
+            log(f"[{i}/{len(runs)}] {spec.run_id}: {spec.config.family} "
+                f"{spec.config.layer_plan}, {spec.plan.steps} steps x "
+                f"{spec.plan.tokens_per_step} tokens")
+        t_run = time.perf_counter()
         proc = ctx.Process(target=_child_main, name=f"mor-bench-{spec.run_id}",
-                           args=(spec, suite_info, str(run_dir), train_cfg))
+                           args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live))
         proc.start()
-        proc.join()
+        try:
+            _relay(status_queue, proc, emit)
+            proc.join()
+        finally:
+            if proc.is_alive():  # interrupted (Ctrl-C, an error in the view): no orphans
+                proc.terminate()
+                proc.join(10)
         rec_file = run_dir / spec.run_id / "record.json"
         if proc.exitcode != 0 or not rec_file.is_file():
             failed.append(spec.run_id)
@@ -410,10 +655,34 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
                     "family": spec.config.family, "suite": suite_info, "metrics": {},
                     "error": f"process exited with code {proc.exitcode}",
                     "finished_at": _utc_now()})
-        records.append(json.loads(rec_file.read_text()))
-    log(f"suite {suite.name}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
+        rec = json.loads(rec_file.read_text())
+        records.append(rec)
+        wall = time.perf_counter() - t_run
+        if rec.get("status") == "ok" and spec.run_id not in failed:
+            m = rec.get("metrics", {})
+            emit({"run_id": spec.run_id, "phase": "done", "val_nll": m.get("val_nll"),
+                  "tokens_per_s": m.get("tokens_per_s"), "wall_s": wall, "time": time.time()})
+        else:
+            emit({"run_id": spec.run_id, "phase": "failed", "error": rec.get("error"),
+                  "wall_s": wall, "time": time.time()})
+    log(f"suite {suite_info['name']}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
         f"{time.perf_counter() - t0:.0f}s")
-    return run_dir, records, failed
+    return records, failed
+
+
+def _relay(status_queue, proc, emit) -> None:
+    """Pass a run process's status events on until it exits, then the last ones."""
+    while True:
+        try:
+            emit(status_queue.get(timeout=0.2))
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                break
+    while True:  # whatever arrived between the last get and the exit
+        try:
+            emit(status_queue.get_nowait())
+        except queue_mod.Empty:
+            return
 
 
 def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import MICRO_SUITE
 
 from evals.cli import main
 from evals.records import SCHEMA, load_records
@@ -31,7 +32,8 @@ from mor import load_checkpoint
 from mor.config import PRESETS
 from reports.table import render_report
 
-SUBCOMMANDS = ("models", "suites", "run", "report", "route", "peak-flops", "bench-train")
+SUBCOMMANDS = ("models", "suites", "run", "report", "check", "route", "peak-flops",
+               "bench-train", "bench-infer")
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -67,7 +69,8 @@ def test_top_level_help(capsys):
     ("models", ["--json", "--seq-len", "--recursions"]),
     ("suites", ["--json"]),
     ("run", ["suite", "--out", "--corpus", "--cache-dir", "--dry-run", "--json"]),
-    ("report", ["run_dir", "--json"]),
+    ("report", ["run_dir", "--json", "--screenshot"]),
+    ("check", ["run_dir", "--baseline", "--update", "--json"]),
     ("peak-flops", ["--device", "--size", "--json"]),
     ("route", ["checkpoint", "--text", "--file", "--routing", "--json"]),
     ("bench-train", ["--preset", "--family", "--num-recursions", "--seq-len", "--batch-size",
@@ -487,6 +490,126 @@ def test_end_to_end_micro_suite(capfd, e2e):
         again = json.loads((run_dir2 / run_id / "record.json").read_text())
         assert again["metrics"]["val_nll"] == pytest.approx(
             records[run_id]["metrics"]["val_nll"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_e2e_writes_the_html_report_and_depth_sample(e2e):
+    payload = json.loads(e2e.stdout)
+    run_dir = e2e.run_dir
+    assert Path(payload["html"]) == run_dir / "index.html"
+    page = (run_dir / "index.html").read_text()
+    assert "| vanilla |" not in page and "<td>vanilla</td>" in page and "<td>mor-2</td>" in page
+    assert payload["figures"] and all(Path(f["png"]).is_file()
+                                      for f in payload["figures"].values())
+    assert page.count('src="data:image/png;base64,') == len(payload["figures"])
+    assert "depth_map" in payload["figures"]  # drawn from the MoR run's depth_sample.json
+    sample = json.loads((e2e.sub("mor") / "depth_sample.json").read_text())
+    assert len(sample["tokens"]) == len(sample["depths"]) > 0
+    assert all(1 <= d <= 2 for d in sample["depths"])  # N_r = 2, step 1 keeps every token
+    assert sample["routing"] == "topk" and sample["num_recursions"] == 2
+    assert not (e2e.sub("vanilla") / "depth_sample.json").exists()
+    assert not (e2e.sub("mor") / "fewshot_items.json").exists()  # the suite has no [eval]
+
+
+# --------------------------------------------------------------------------------------------
+# suite progress: status events from the run processes, plain and live views
+
+PHASE_ORDER = ["queued", "data", "training", "validation", "few-shot", "saving", "done"]
+MICRO_EVAL = """
+[eval]
+tasks = ["mor_synth_filler"]
+limit = 4
+batch_size = 8
+"""
+
+
+@pytest.mark.slow
+def test_status_events_plain_output_and_fewshot_items(tmp_path, capfd, write_suite):
+    from evals.runner import SuiteProgress, run_suite
+
+    suite = load_suite(str(write_suite(text=MICRO_SUITE + MICRO_EVAL)))
+    events: list[dict] = []
+    run_dir, records, failed = run_suite(suite, tmp_path / "runs",
+                                         cache_dir=tmp_path / "cache", on_status=events.append)
+    assert failed == []
+    progress = SuiteProgress(live=False)
+    for event in events:
+        progress(event)
+    progress.print_summary(records)
+    out, err = capfd.readouterr()
+
+    run_ids = [r.run_id for r in plan_runs(suite)]
+    for run_id in run_ids:
+        mine = [e for e in events if e["run_id"] == run_id]
+        phases = [p for i, p in enumerate(e["phase"] for e in mine)
+                  if i == 0 or p != mine[i - 1]["phase"]]
+        assert phases == PHASE_ORDER, (run_id, phases)
+        steps = [e["step"] for e in mine if e["phase"] == "training" and "step" in e]
+        total = next(e["total"] for e in mine if e["phase"] == "queued")
+        assert steps[0] == 0 and steps[-1] == total and steps == sorted(steps)
+        done = mine[-1]
+        rec = json.loads((run_dir / run_id / "record.json").read_text())
+        assert done["val_nll"] == rec["metrics"]["val_nll"] and done["wall_s"] > 0
+        assert progress.rows[run_id]["phase"] == "done"
+    # All runs are queued before the first one starts.
+    first_data = next(i for i, e in enumerate(events) if e["phase"] == "data")
+    assert sum(e["phase"] == "queued" for e in events[:first_data]) == len(run_ids)
+
+    # Plain mode: the log lines of before (one per run, steps on stderr), then the summary.
+    for i, run_id in enumerate(run_ids, 1):
+        assert f"[{i}/{len(run_ids)}] {run_id}:" in out
+        total = next(e["total"] for e in events if e["run_id"] == run_id)
+        assert f"{run_id}: step {total}/{total}" in err
+    assert "suite summary" in err and "ok" in err
+    for run_id in run_ids:
+        assert run_id in err.split("suite summary", 1)[1]
+    assert "\x1b[" not in out + err  # no terminal control sequences in a log
+
+    # Per-item few-shot scores, by routing mode, next to each record (not inside it).
+    for run_id in run_ids:
+        items = json.loads((run_dir / run_id / "fewshot_items.json").read_text())
+        rec = json.loads((run_dir / run_id / "record.json").read_text())
+        modes = {"topk", "causal"} if rec["family"] == "mor" else {"default"}
+        assert set(items) == modes
+        for by_task in items.values():
+            assert len(by_task["mor_synth_filler"]) == 4
+            for item in by_task["mor_synth_filler"]:
+                assert {"doc_id", "acc"} <= set(item) and item["acc"] in (0, 1)
+        assert "items" not in json.dumps(rec["metrics"]["fewshot"])
+
+
+def test_live_progress_table_rows_and_eta():
+    from rich.console import Console
+
+    from evals.runner import SuiteProgress
+
+    buf = io.StringIO()
+    progress = SuiteProgress(live=False, console=Console(file=buf, width=200))
+    progress({"run_id": "a", "phase": "queued", "total": 100})
+    progress({"run_id": "b", "phase": "queued", "total": 50})
+    progress({"run_id": "a", "phase": "data"})
+    progress({"run_id": "a", "phase": "training", "step": 0, "total": 100})
+    progress.rows["a"]["t_train"] -= 10.0  # 10 s of training so far
+    progress({"run_id": "a", "phase": "training", "step": 25, "total": 100, "loss": 2.5})
+    assert progress.eta(progress.rows["a"]) == pytest.approx(30.0, rel=0.05)
+    assert progress.eta(progress.rows["b"]) is None  # queued: no rate yet
+    progress.console.print(progress.table())
+    text = buf.getvalue()
+    assert "0/2 runs finished" in text
+    assert "training" in text and "25/100" in text and "2.500" in text and "0:30" in text
+    assert "queued" in text
+    progress({"run_id": "a", "phase": "done", "val_nll": 1.5, "tokens_per_s": 1000.0,
+              "wall_s": 65.0})
+    progress({"run_id": "b", "phase": "failed", "error": "boom", "wall_s": 1.0})
+    buf.truncate(0)
+    progress.console.print(progress.table())
+    assert "2/2 runs finished" in buf.getvalue()
+    progress.print_summary([
+        {"run_id": "a", "status": "ok", "metrics": {"val_nll": 1.5, "tokens_per_s": 1000.0}},
+        {"run_id": "b", "status": "failed", "metrics": {}}])
+    summary = buf.getvalue().split("suite summary", 1)[1]
+    assert "1.5000" in summary and "1,000" in summary and "1:05" in summary
+    assert "failed" in summary
 
 
 def test_run_dirs_never_collide(tmp_path):
