@@ -73,6 +73,8 @@ class InferSettings:
     """MoR: "auto"/"depth" (depth-wise batching), "sequence", or "both"."""
     threads: int | None = None
     """torch threads (None: torch's default)."""
+    device: str = "cpu"
+    """"cpu", "cuda" or "auto" (CUDA when available). Models decode in their stored dtype."""
 
     def __post_init__(self) -> None:
         def fail(field: str, msg: str) -> None:
@@ -103,6 +105,8 @@ class InferSettings:
             fail("scheduler", f"one of {SCHEDULER_CHOICES}, got {self.scheduler!r}")
         if self.max_len is not None and self.max_len < 2:
             fail("max_len", f"must be >= 2, got {self.max_len!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            fail("device", f"\"cpu\", \"cuda\" or \"auto\", got {self.device!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> InferSettings:
@@ -230,6 +234,11 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
         raise ConfigError("bench-infer needs at least one checkpoint")
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    from evals.train import resolve_device
+
+    device = resolve_device(settings.device)
+    for m in models:
+        m.model.to(device)
     cap = min(m.model.cfg.max_seq_len for m in models) - 1
     if settings.max_len is not None:
         cap = min(cap, settings.max_len - 1)
@@ -302,7 +311,7 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
             "capped_frac": st["capped"] / st["passes"] if st["passes"] else 0.0,
             "routing": ("causal" if cfg.family == "mor" and cfg.router == "expert"
                         else ("token" if cfg.family == "mor" else None)),
-            "source": m.source,
+            "source": m.source, "device": str(device),
         }
         if profile:
             row["stage_s"] = stage[(i, sched)]
@@ -360,6 +369,8 @@ def add_arguments(p) -> None:
     p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=d.scheduler,
                    help="MoR: depth-wise batching (auto/depth), sequence-wise, or both")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
+                   help="where to decode (default cpu)")
     p.add_argument("--profile", action="store_true",
                    help="also report the seconds each decoding stage took")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -378,7 +389,7 @@ def settings_from_args(args) -> InferSettings:
                          reference_batch=args.reference_batch, repeats=args.repeats,
                          seed=args.seed, temperature=args.temperature,
                          kv_capacity=args.kv_capacity, scheduler=args.scheduler,
-                         threads=args.threads)
+                         threads=args.threads, device=args.device)
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, str]]:
@@ -502,7 +513,12 @@ def run_suite_phase(run_dir: str | Path, settings: InferSettings) -> bool:
     proc = ctx.Process(target=_phase_child, args=(str(run_dir), dataclasses.asdict(settings)),
                        name="mor-bench-infer")
     proc.start()
-    proc.join()
+    try:
+        proc.join()
+    finally:
+        if proc.is_alive():  # interrupted: no orphan process
+            proc.terminate()
+            proc.join(10)
     if proc.exitcode != 0:
         err = Path(run_dir, "infer_error.txt")
         if not err.is_file():  # killed before it could say why
