@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mor.errors import ConfigError
-from mor.kv_cache import CacheFullError, KVCache
+from mor.kv_cache import CacheFullError, KVCache, applications
 from mor.layers import _rotate_half
 from mor.model import CausalLM
 
@@ -133,7 +133,7 @@ class Engine:
             self._always = torch.tensor([True] + [c >= 1.0 for c in self.caps] + [False],
                                         device=self.device)
         else:
-            self.apps = [k for k in _plain_apps(cfg)]
+            self.apps = applications(cfg)
         self._arange = torch.arange(max_batch, device=self.device)
         self._fuse_weights()
         self.profile = False
@@ -438,15 +438,6 @@ class Engine:
         return run.completions
 
 
-def _plain_apps(cfg) -> list[tuple[int, int]]:
-    visits: dict[int, int] = {}
-    out = []
-    for i in cfg.schedule():
-        visits[i] = visits.get(i, 0) + 1
-        out.append((i, visits[i]))
-    return out
-
-
 class _Run:
     """Per-slot state of one `generate` call (tensors indexed by slot)."""
 
@@ -604,11 +595,3 @@ class _Run:
             depth[act] += 1
             rec[act] += 1
             todo = act
-
-
-def timed_generate(engine: Engine, requests: list[Request], scheduler: str = "auto"
-                   ) -> tuple[list[Completion], float]:
-    """`generate` and its wall-clock seconds."""
-    t0 = time.perf_counter()
-    out = engine.generate(requests, scheduler)
-    return out, time.perf_counter() - t0

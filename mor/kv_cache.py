@@ -36,7 +36,7 @@ class CacheFullError(ConfigError):
     routes more tokens to a recursion step than its routed capacity holds)."""
 
 
-def _applications(cfg: ModelConfig) -> list[tuple[int, int]]:
+def applications(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(unique layer, recursion) of every layer application in the unrolled stack, in order."""
     visits: dict[int, int] = {}
     out = []
@@ -72,7 +72,7 @@ class KVCache:
         """(layer, recursion) -> the entry that application attends over."""
         self.capacity: list[int] = []
         self.keys: list[tuple[int, int]] = []
-        apps = (_applications(cfg) if cfg.family != "mor" else
+        apps = (applications(cfg) if cfg.family != "mor" else
                 [(i, 1) for i in range(cfg.num_unique_first)]
                 + [(j, r) for r in range(1, cfg.num_recursions + 1) for j in sorted(shared)]
                 + [(i, 1) for i in range(cfg.num_unique_first + cfg.num_shared,
