@@ -25,6 +25,11 @@ VARIANTS = {
     "mor-4-expert-aux-router": dict(family="mor", num_recursions=4, expert_aux="router"),
     "mor-2-token-cache": dict(family="mor", num_recursions=2, router="token"),
     "mor-3-token-share": dict(family="mor", num_recursions=3, router="token", kv="share"),
+    "recursive-2-sequence": dict(family="recursive", num_recursions=2, sharing="sequence"),
+    "mor-3-expert-mlp-tanh": dict(family="mor", num_recursions=3, router_arch="mlp",
+                                  router_func="tanh"),
+    "mor-3-token-lossfree-sigmoid": dict(family="mor", num_recursions=3, router="token",
+                                         balancing="loss_free", router_func="sigmoid"),
 }
 
 
@@ -38,7 +43,9 @@ def make_model(variant: str, seed: int = 0, n_layers: int | None = None):
         # stays mixed: about half the tokens go on at each step).
         for name, p in model.named_parameters():
             if name.startswith(("routers", "predictors", "router.")):
-                p.mul_(40.0)
+                p.mul_(40.0 if p.dim() == 2 and p.shape[0] <= 4 else 4.0)
+        if hasattr(model, "router_bias"):  # loss-free balancing: a bias that matters
+            model.router_bias.copy_(torch.linspace(0.02, -0.02, model.cfg.num_recursions))
     return model
 
 
