@@ -157,9 +157,18 @@ class MorBenchLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding until a stop string or `max_gen_toks` tokens. Each step re-runs
-        the model on the whole sequence (no KV cache here), routed as the model's eval mode
-        says; with top-k routing earlier tokens' depths can change as text is appended."""
+        """Greedy decoding until a stop string, the end-of-text token or `max_gen_toks`
+        tokens. Causal models (vanilla, recursive, MoR under causal or token-choice routing)
+        decode incrementally with a KV cache, all requests through `mor.decode.Engine`;
+        MoR under top-k routing re-runs the whole sequence at each step (top-k is not causal:
+        earlier tokens' depths can change as text is appended)."""
+        if self.routing != "topk":
+            return self._generate_cached(requests)
+        return self._generate_rerun(requests)
+
+    @torch.no_grad()
+    def _generate_rerun(self, requests) -> list[str]:
+        """Greedy decoding that re-runs the whole (windowed) sequence at every step."""
         out = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -185,6 +194,48 @@ class MorBenchLM(TemplateLM):
                     text = text[: text.index(s)]
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+    @torch.no_grad()
+    def _generate_cached(self, requests) -> list[str]:
+        """`generate_until` through the continuous-batching decoder. The context keeps its
+        last (window - max_gen_toks) tokens so the whole generation fits the window."""
+        from mor.decode import Engine, Request
+
+        window = min(self.max_length, self.model.cfg.max_seq_len)
+        jobs, untils = [], []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = min(_as_int(kwargs.get("max_gen_toks", 256), "max_gen_toks"),
+                          window - 1)
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-(window - max_new + 1):]
+            untils.append(until)
+
+            def stop(toks, until=until) -> bool:
+                if toks[-1] == self.eot_token_id:
+                    return True
+                text = self.tok_decode(toks)
+                return any(s and s in text for s in until)
+
+            jobs.append(Request(prompt=ids, max_new_tokens=max_new, id=i, stop=stop))
+        if not jobs:
+            return []
+        engine = Engine(self.model, max_batch=min(self.batch_size, len(jobs)),
+                        max_len=window, kv_capacity="full")
+        out = []
+        for req, done, until in zip(requests, engine.generate(jobs), untils):
+            toks = done.tokens
+            if self.eot_token_id in toks:
+                toks = toks[: toks.index(self.eot_token_id)]
+            text = self.tok_decode(toks)
+            for s in until:
+                if s and s in text:
+                    text = text[: text.index(s)]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return out
 
     def get_model_info(self) -> dict[str, Any]:

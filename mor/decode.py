@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,9 @@ class Request:
     seed: int = 0
     """Sampling stream of this request (temperature > 0): results do not depend on batch
     size, slot or arrival order."""
+    stop: Callable[[list[int]], bool] | None = None
+    """Called with the tokens generated so far after each new one; True ends the request
+    early (stop strings, an end-of-text token). None: exactly `max_new_tokens`."""
 
 
 @dataclass
@@ -446,6 +450,7 @@ class _Run:
         s, dev = engine.max_batch, engine.device
         self.queue = deque(enumerate(requests))
         self.completions = [Completion(r.id, list(r.prompt)) for r in requests]
+        self.stops = [r.stop for r in requests]
         self.owner = [-1] * s  # request index per slot
         self.active = torch.zeros(s, dtype=torch.bool, device=dev)
         self.pos = torch.zeros(s, dtype=torch.long, device=dev)
@@ -496,6 +501,10 @@ class _Run:
         self.next_tok[slots] = tok
         self.generated[slots] += 1
         self.remaining[slots] -= 1
+        for s in slot_list:
+            stop = self.stops[self.owner[s]]
+            if stop is not None and stop(self.completions[self.owner[s]].tokens):
+                self.remaining[s] = 0
         self.pos[slots] += 1
         done = self.remaining[slots] == 0
         if self.progress is not None:

@@ -130,6 +130,36 @@ def test_generate_until_stops_and_respects_max_tokens():
     assert stop not in cut and free.startswith(cut)
 
 
+@pytest.mark.parametrize("family,kw", [("vanilla", {}), ("recursive", {}),
+                                       ("mor", {"eval_routing": "causal"}),
+                                       ("mor", {"router": "token"}),
+                                       ("mor", {"kv": "share", "eval_routing": "causal"})])
+def test_cached_generation_equals_rerunning_the_sequence(family, kw):
+    """Causal models generate through the KV-cached continuous-batching decoder; the text
+    equals greedy decoding that re-runs the whole sequence at every step."""
+    model = _model(family, **kw)
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer(), batch_size=3)
+    assert lm.routing != "topk"
+    reqs = [Instance("generate_until", {}, (ctx, {"until": until, "max_gen_toks": n}), i)
+            for i, (ctx, until, n) in enumerate([("hello", [], 12), ("12 + 39 =", ["\n"], 9),
+                                                 ("a", ["zz", "q"], 20), ("The cat", [], 5),
+                                                 ("x", [], 1)])]
+    cached = lm._generate_cached(reqs)
+    assert cached == lm._generate_rerun(reqs)
+    assert lm.generate_until(reqs) == cached
+    for text, r in zip(cached, reqs):
+        assert len(text) <= r.args[1]["max_gen_toks"]  # one byte token: <= 1 character
+    assert any(cached)  # something was generated
+
+
+def test_topk_routing_generates_by_rerunning():
+    model = _model("mor")  # expert-choice, top-k at evaluation: not causal
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer(), routing="topk")
+    req = [Instance("generate_until", {}, ("hi", {"until": [], "max_gen_toks": 4}), 0)]
+    assert lm.generate_until(req) == lm._generate_rerun(req)
+    assert model.cfg.eval_routing == "topk"  # the cached decoder (causal) was not used
+
+
 def _byte_hf_tokenizer():
     """A Hugging Face fast tokenizer that encodes exactly like `ByteTokenizer` (byte b -> id
     b, EOS 256) with explicit special tokens, so lm-eval adds none beyond the vocabulary."""
