@@ -296,7 +296,7 @@ class Engine:
         """[n] bool: step `rec` of each slot's cache can store one more token."""
         e = self._room_entry[rec]
         lengths = self.cache.lengths[e.clamp(min=0), slots]
-        return (e < 0) | (lengths < self.cache._cap[e.clamp(min=0)])
+        return (e < 0) | (lengths < self.cache.capacity_t[e.clamp(min=0)])
 
     def _expert_decide(self, h: Tensor, rec: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Expert-choice, causal rule: (take [n] bool, gate [n]) for step rec (1-based;

@@ -17,6 +17,7 @@ first `lengths` tokens, which are in causal order.
                 recursions READ the first recursion's entry (`read_entry`), 1 / N_r.
 
 The first and last (unique) layers of MoR and every vanilla layer hold every token.
+The cache is storage and accounting; `mor.decode.Engine` appends to and attends over it.
 """
 
 from __future__ import annotations
@@ -93,25 +94,13 @@ class KVCache:
         self.v = [torch.zeros_like(t) for t in self.k]
         self.lengths = torch.zeros(len(self.capacity), max_batch, dtype=torch.long,
                                    device=device)
-        self._cap = torch.tensor(self.capacity, dtype=torch.long, device=device)
+        self.capacity_t = torch.tensor(self.capacity, dtype=torch.long, device=device)
+        """`capacity` as a tensor, for vectorised room checks."""
 
     # --- accounting --------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes of all preallocated key and value tensors (what the cache costs)."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    def expected_nbytes(self) -> int:
-        """`mor.flops.kv_cache_bytes` for this cache's shape: equal to `nbytes()`."""
-        elem = self.k[0].element_size()
-        steps = None
-        if self.cfg.family == "mor" and self.kv_capacity == "full":
-            steps = [self.max_len] * self.cfg.num_recursions
-        return flops.kv_cache_bytes(self.cfg, self.max_len, self.max_batch, elem, steps)
-
-    def stored_tokens(self, slot: int | None = None) -> int:
-        """(layer application, token) pairs stored, for one slot or all."""
-        lens = self.lengths if slot is None else self.lengths[:, slot]
-        return int(lens.sum())
 
     # --- slots -------------------------------------------------------------------------------
     def reset(self, slots: Tensor | list[int] | int | None = None) -> None:
@@ -120,22 +109,6 @@ class KVCache:
             self.lengths.zero_()
         else:
             self.lengths[:, slots] = 0
-
-    def has_room(self, entry: int, slots: Tensor) -> Tensor:
-        """[n] bool: the slots can store one more token in `entry`."""
-        return self.lengths[entry, slots] < self._cap[entry]
-
-    def write(self, entry: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Append one token per slot: k, v [n, n_kv_heads, head_dim]. Slots must be distinct
-        and have room (callers route tokens away from a full entry first)."""
-        pos = self.lengths[entry, slots]
-        if bool((pos >= self.capacity[entry]).any()):
-            layer, r = self.keys[entry]
-            raise CacheFullError(f"KV cache entry (layer {layer}, recursion {r}) is full "
-                                 f"({self.capacity[entry]} tokens)")
-        self.k[entry][slots, :, pos] = k.to(self.k[entry].dtype)
-        self.v[entry][slots, :, pos] = v.to(self.v[entry].dtype)
-        self.lengths[entry, slots] = pos + 1
 
     def load(self, entry: int, slot: int, k: Tensor, v: Tensor) -> None:
         """Replace a slot's content of `entry` with k, v [n_kv_heads, S, head_dim] (prefill)."""
@@ -149,13 +122,3 @@ class KVCache:
         self.k[entry][slot, :, :s] = k
         self.v[entry][slot, :, :s] = v
         self.lengths[entry, slot] = s
-
-    def read(self, entry: int, slots: Tensor, all_slots: bool = False
-             ) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys, values [n, n_kv_heads, S, head_dim] and lengths [n] of the slots, S the
-        longest of them. `all_slots`: `slots` is arange(max_batch), so views suffice."""
-        lengths = self.lengths[entry, slots]
-        s = int(lengths.max())
-        if all_slots:
-            return self.k[entry][:, :, :s], self.v[entry][:, :, :s], lengths
-        return self.k[entry][slots, :, :s], self.v[entry][slots, :, :s], lengths
