@@ -491,6 +491,7 @@ class _Run:
         tok = e._timed("sampling", e._sample, logits, self.u[slots, self.generated[slots]])
         toks, slot_list = tok.tolist(), slots.tolist()
         dl = depths.tolist() if depths is not None else None
+        stopped = []
         for k, s in enumerate(slot_list):
             c = self.completions[self.owner[s]]
             c.tokens.append(toks[k])
@@ -498,13 +499,14 @@ class _Run:
                 c.depths.append(dl[k])
             if e.keep_logits:
                 c.logits.append(logits[k].float().clone())
+            stop = self.stops[self.owner[s]]
+            if stop is not None and stop(c.tokens):
+                stopped.append(s)
         self.next_tok[slots] = tok
         self.generated[slots] += 1
         self.remaining[slots] -= 1
-        for s in slot_list:
-            stop = self.stops[self.owner[s]]
-            if stop is not None and stop(self.completions[self.owner[s]].tokens):
-                self.remaining[s] = 0
+        if stopped:
+            self.remaining[stopped] = 0
         self.pos[slots] += 1
         done = self.remaining[slots] == 0
         if self.progress is not None:
