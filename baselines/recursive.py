@@ -1,6 +1,6 @@
 """Recursive (parameter-shared) Transformers: a block of B shared layers applied N_r times.
 
-Strategies (MOR_SPEC section 2), as unrolled schedules of unique-layer indices for
+Strategies (docs/method.md §2), as unrolled schedules of unique-layer indices for
 B = 3, N_r = 3:
   cycle            [0,1,2][0,1,2][0,1,2]
   sequence         [0,0,0][1,1,1][2,2,2]

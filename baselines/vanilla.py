@@ -2,7 +2,7 @@
 
 Numerically the same model as Hugging Face `transformers`' `LlamaForCausalLM` (tied
 embeddings, no attention/MLP bias, rotate-half RoPE): `to_hf_state_dict` and
-`from_hf_state_dict` map the weights 1:1 (tests/test_models.py checks the logits agree).
+`from_hf_state_dict` map the weights 1:1 (tests/mor/test_models.py checks the logits agree).
 """
 
 from __future__ import annotations

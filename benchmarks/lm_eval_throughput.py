@@ -37,8 +37,8 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from baselines.vanilla import hf_llama_config_kwargs, to_hf_state_dict
-    from evals.benchmarks import require_local_tasks, tasks_dir
-    from evals.lm_eval_adapter import MorBenchLM, run_tasks
+    from evals.lmeval.adapter import MorBenchLM, run_tasks
+    from evals.lmeval.offline_data import require_local_tasks, tasks_dir
     from mor.checkpoint import read_checkpoint_meta
 
     cache = Path(args.cache_dir)

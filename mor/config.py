@@ -1,8 +1,8 @@
 """`ModelConfig`: what a model IS (shape, family, recursion scheme), validated up front.
 
-How long a model is trained lives elsewhere (`evals/budget.py`, suite files): a config
-says nothing about tokens or steps. Presets are the paper's backbones (MOR_SPEC section
-1; arXiv 2507.10524 Table 6) plus small shapes that train on a CPU.
+How long a model is trained lives elsewhere (`evals/training/budget.py`, suite files): a config
+says nothing about tokens or steps. Presets are the paper's backbones (docs/method.md
+§1; arXiv 2507.10524 Table 6) plus small shapes that train on a CPU.
 
     cfg = ModelConfig.from_preset("360m", family="mor", num_recursions=3)
     cfg.layer_plan      # "1+10+1": one unique first layer, 10 shared layers x 3, one last
@@ -27,7 +27,7 @@ ROUTER_FUNCS = {"expert": ("sigmoid", "tanh"), "token": ("softmax", "sigmoid")}
 EXPERT_AUX = ("loss", "router")
 BALANCING = ("loss", "loss_free")
 EVAL_ROUTING = ("topk", "causal")
-# Defaults that depend on the router (MOR_SPEC section 3).
+# Defaults that depend on the router (docs/method.md §3).
 _ROUTER_DEFAULTS = {
     "expert": {"router_func": "sigmoid", "router_alpha": 0.1, "router_z_coef": 0.0,
                "eval_routing": "topk"},
@@ -36,7 +36,7 @@ _ROUTER_DEFAULTS = {
 }
 MAX_RECURSIONS = 4  # the paper's range (N_r in 1..4); more is untested territory
 
-# Backbone shapes. Paper presets: MOR_SPEC section 1 (head_dim 64 everywhere, vocab of the
+# Backbone shapes. Paper presets: docs/method.md §1 (head_dim 64 everywhere, vocab of the
 # SmolLM tokenizer). CPU presets keep the same architecture at sizes that train on 2 cores;
 # their vocab is the byte tokenizer's (256 bytes + EOS) and is replaced by the suite's
 # tokenizer when it differs.
@@ -98,7 +98,7 @@ class ModelConfig:
     """N_r, how often the shared block is applied (1 for vanilla)."""
     sharing: str = "middle_cycle"
     """Parameter-sharing strategy: cycle | sequence | middle_cycle | middle_sequence
-    (MOR_SPEC section 2). MoR uses middle_cycle, as every MoR row of the paper."""
+    (docs/method.md §2). MoR uses middle_cycle, as every MoR row of the paper."""
 
     # --- MoR routing (ignored by, and rejected for, the other families) ----------------------
     router: str = "expert"

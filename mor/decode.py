@@ -12,7 +12,7 @@ keys/values loaded into a slot), `step` (one token per slot through the whole mo
 "sequence" -- continuous sequence-wise batching (any family): every iteration runs one token
     of every active slot through the whole stack; a finished sequence's slot is refilled
     from the queue at once.
-"depth" -- continuous depth-wise batching (MoR, MOR_SPEC section 6): every slot holds one
+"depth" -- continuous depth-wise batching (MoR, docs/protocol.md §6): every slot holds one
     token in flight at its own recursion depth. An iteration runs the shared block ONCE on
     all in-flight tokens, whatever their depth (the weights are shared, so they can be
     batched; attention reads each token's own (slot, recursion) cache entry); a token whose

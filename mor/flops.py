@@ -2,7 +2,7 @@
 
 Two FLOPs conventions, both *forward-only, per token*, for a sequence of length T:
 
-"paper" -- the convention of Bae et al. 2025 (arXiv 2507.10524; MOR_SPEC section 5),
+"paper" -- the convention of Bae et al. 2025 (arXiv 2507.10524; docs/protocol.md §5),
   used for isoFLOP budgets and for comparing with the paper's tables:
   * each linear layer costs 2 x its parameters, with grouped-query attention IGNORED
     (K and V projections counted as full d x d);
@@ -174,7 +174,7 @@ def _exact_flops(cfg: ModelConfig, seq_len: int,
     return total
 
 
-# --- KV-cache size (MOR_SPEC section 4) ----------------------------------------------------
+# --- KV-cache size (docs/method.md §4) ----------------------------------------------------
 def kv_cache_tokens(cfg: ModelConfig, seq_len: int,
                     tokens_per_step: list[int] | None = None) -> int:
     """(layer application, token) pairs whose keys/values a cache holds for one sequence.
@@ -202,7 +202,7 @@ def kv_cache_bytes(cfg: ModelConfig, seq_len: int, batch_size: int = 1,
 
 def kv_memory_ratio(cfg: ModelConfig) -> float:
     """KV memory of the recursion blocks relative to a vanilla model of the same depth
-    (MOR_SPEC section 4 table): (N_r + 1) / (2 N_r) for recursion-wise caching with the
+    (docs/method.md §4 table): (N_r + 1) / (2 N_r) for recursion-wise caching with the
     default capacities, 1 / N_r for recursive sharing; 1 for non-MoR models."""
     if cfg.family != "mor":
         return 1.0

@@ -8,7 +8,7 @@ first `lengths` tokens, which are in causal order.
 
     vanilla     one entry per layer, capacity max_len
     recursive   one entry per recursion of every shared layer (each visit its own slot)
-    MoR cache   recursion-wise caching (MOR_SPEC section 4): entry (layer j, recursion r)
+    MoR cache   recursion-wise caching (docs/method.md §4): entry (layer j, recursion r)
                 stores only the tokens routed to step r; with kv_capacity="routed" its
                 capacity is k_r = max(1, floor(c_r * max_len)) tokens, so the bytes equal
                 `mor.flops.kv_cache_bytes` -- the paper's (N_r + 1) / (2 N_r) of vanilla for

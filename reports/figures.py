@@ -29,10 +29,10 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from evals.provenance import hardware_summary
-from evals.records import load_records, write_json_atomic
-from evals.routing import DEPTH_SAMPLE, check_depth_export
-from evals.synthetic import DIFFICULTY_CLASSES
+from evals.data.synthetic import DIFFICULTY_CLASSES
+from evals.suite.depths import DEPTH_SAMPLE, check_depth_export
+from evals.suite.provenance import hardware_summary
+from evals.suite.record import load_records, write_json_atomic
 from reports.table import comparison_table, fewshot_scores
 
 log = logging.getLogger(__name__)
@@ -738,7 +738,7 @@ def _build_depth_by_class(ctx: _Ctx) -> Built:
     ax.set_xlabel("token difficulty class (synthetic corpus)")
     _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     caption = ctx.caption("Mean recursion depth of validation tokens by difficulty class "
-                          "(evals.synthetic classes: filler prose is easy; arithmetic, recall "
+                          "(evals.data.synthetic classes: filler prose is easy; arithmetic, recall "
                           "and tracking answers are hard), each MoR model under its own "
                           "evaluation routing, mean over seeds; dotted line: N_r", routing,
                           _missing_note("depth by class", missing))
@@ -814,7 +814,7 @@ def _build_depth_map(ctx: _Ctx, width: int = 56, max_samples: int = 4) -> Built:
         raise FigureSkipped("no MoR runs")
     samples = _find_depth_samples(ctx)[:max_samples]
     if not samples:
-        raise FigureSkipped(f"no MoR run has a {DEPTH_SAMPLE} (evals.routing.depth_export)")
+        raise FigureSkipped(f"no MoR run has a {DEPTH_SAMPLE} (evals.suite.depths.depth_export)")
     layouts = [_layout(s["tokens"], width) for _, s in samples]
     rows = [max(r for r, _, _ in lay) + 1 for lay in layouts]
     nr = max(int(s["num_recursions"]) for _, s in samples)

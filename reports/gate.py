@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from evals.provenance import hardware_summary
-from evals.records import load_records, write_json_atomic
+from evals.suite.provenance import hardware_summary
+from evals.suite.record import load_records, write_json_atomic
 from mor.errors import MorBenchError
 
 SCHEMA = "mor-bench/baseline/v1"

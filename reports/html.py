@@ -27,8 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from evals.provenance import hardware_summary
-from evals.records import load_records
+from evals.suite.provenance import hardware_summary
+from evals.suite.record import load_records
 from mor.errors import MorBenchError
 
 INDEX = "index.html"

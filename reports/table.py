@@ -25,8 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from evals.provenance import hardware_summary
-from evals.records import load_records
+from evals.suite.provenance import hardware_summary
+from evals.suite.record import load_records
 from reports.stats import ci_half_width, lower_is_better, significance_vs_vanilla
 
 COLUMNS = [
@@ -47,7 +47,7 @@ def _metric(rec: dict[str, Any], *path: str) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-# The paper's metric per task (MOR_SPEC section 6); anything else reports acc.
+# The paper's metric per task (docs/protocol.md §6); anything else reports acc.
 _ACC_NORM_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge")
 
 

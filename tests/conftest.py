@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.data import DataSpec, PreparedData, prepare_data
+from evals.data.corpus import DataSpec, PreparedData, prepare_data
 
 SEQ_LEN = 32
 SYNTHETIC_DOCS = 200

@@ -1,0 +1,127 @@
+"""`mor-bench bench-infer`: generation throughput of checkpoints side by side (the engine
+and the measurement live in `evals.perf.generation`; this module parses and displays)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evals.perf.generation import bench_models, load_models
+from evals.suite.spec import SCHEDULER_CHOICES, InferSettings
+from mor.errors import ConfigError
+
+
+def add_arguments(p) -> None:
+    """The `mor-bench bench-infer` options (defaults: `InferSettings`)."""
+    d = InferSettings()
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="checkpoint directories, or suite run directories (all their runs)")
+    p.add_argument("--samples", type=int, default=d.samples,
+                   help=f"sequences per model and round (default {d.samples}; paper 1000)")
+    p.add_argument("--gen-mean", type=float, default=d.gen_mean,
+                   help=f"mean generation length (default {d.gen_mean:g}; paper 256)")
+    p.add_argument("--gen-std", type=float, default=d.gen_std,
+                   help=f"std of the generation length (default {d.gen_std:g})")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="cache length per sequence (default: longest drawn length + 1)")
+    p.add_argument("--batch-size", default=str(d.batch_size),
+                   help="sequence slots: an integer, or 'max' = the largest batch whose "
+                        "parameter + KV-cache bytes fit --memory-budget-mb (default 32)")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="memory per model for --batch-size max (default: what the vanilla "
+                        "model needs at --reference-batch)")
+    p.add_argument("--reference-batch", type=int, default=d.reference_batch,
+                   help="the vanilla batch that defines the default budget (default 32)")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="timed rounds per model, interleaved; medians (default 3)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature, 0 = greedy (default 1)")
+    p.add_argument("--kv-capacity", choices=("routed", "full"), default=d.kv_capacity,
+                   help="MoR cache per recursion step: routed = c_r * max_len tokens (the "
+                        "paper's memory), full = max_len (default routed)")
+    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=d.scheduler,
+                   help="MoR: depth-wise batching (auto/depth), sequence-wise, or both")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
+                   help="where to decode (default cpu)")
+    p.add_argument("--profile", action="store_true",
+                   help="also report the seconds each decoding stage took")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def settings_from_args(args) -> InferSettings:
+    batch: int | str = args.batch_size
+    if batch != "max":
+        try:
+            batch = int(batch)
+        except ValueError:
+            raise ConfigError(f"--batch-size {args.batch_size!r}: an integer or 'max'") from None
+    return InferSettings(samples=args.samples, gen_mean=args.gen_mean, gen_std=args.gen_std,
+                         max_len=args.max_len, batch_size=batch,
+                         memory_budget_mb=args.memory_budget_mb,
+                         reference_batch=args.reference_batch, repeats=args.repeats,
+                         seed=args.seed, temperature=args.temperature,
+                         kv_capacity=args.kv_capacity, scheduler=args.scheduler,
+                         threads=args.threads, device=args.device)
+
+
+def table_rows(res: dict[str, Any]) -> list[dict[str, str]]:
+    """Display rows of a `bench_models` result."""
+    rows = []
+    for r in res["rows"]:
+        rows.append({
+            "model": r["model"], "layers": r["layers"], "scheduler": r["scheduler"],
+            "batch": str(r["batch_size"]), "tokens/s": f"{r['tokens_per_s']:,.0f}",
+            "vs vanilla": (f"{r['rel_tokens_per_s']:.2f}x" if r["rel_tokens_per_s"]
+                           else "-"),
+            "ms/token": f"{r['ms_per_token']:.3f}",
+            "ms/iter": f"{r['ms_per_iteration']:.2f}",
+            "KV MiB": f"{r['kv_cache_bytes'] / 2**20:.2f}",
+            "params MiB": f"{r['param_bytes'] / 2**20:.2f}",
+            "mean depth": f"{r['mean_depth']:.2f}" if r["mean_depth"] is not None else "-",
+            "fill": (f"{100 * r['shared_batch_fill']:.0f}%"
+                     if r["shared_batch_fill"] is not None else "-"),
+            "capped": f"{100 * r['capped_frac']:.1f}%" if r["family"] == "mor" else "-",
+        })
+    return rows
+
+
+def cmd_bench_infer(args) -> int:
+    """Generation throughput of checkpoints side by side: the paper's workload (samples from
+    no prompt, lengths ~ Normal(mean, std)), vanilla/recursive under continuous
+    sequence-wise batching, MoR under continuous depth-wise batching; rounds interleaved
+    (A B A B), medians. The headline is tokens/s relative to the vanilla model of the same
+    depth in the same process -- quote ratios, not absolute times, on shared machines.
+
+      mor-bench bench-infer runs/smoke-latest
+      mor-bench bench-infer runs/smoke-latest --batch-size max --scheduler both --profile"""
+    import json
+    import sys
+
+    from evals.cli.display import rich_table
+
+    settings = settings_from_args(args)
+    models = load_models(args.checkpoints)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"bench-infer: {len(models)} model(s), {settings.samples} samples x "
+        f"~{settings.gen_mean:g} tokens, {settings.repeats} interleaved round(s)")
+    res = bench_models(models, settings, log=log, profile=args.profile)
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    budget = (f", memory budget {res['budget_bytes'] / 2**20:.1f} MiB"
+              if res["budget_bytes"] else "")
+    print(f"{sum(res['lengths']):,} tokens per model and round, cache max_len "
+          f"{res['max_len']}{budget}, {res['torch_threads']} torch threads")
+    rows = table_rows(res)
+    rich_table("generation throughput (medians)", rows, list(rows[0]))
+    if args.profile:
+        for r in res["rows"]:
+            st = r.get("stage_s") or {}
+            rest = r["times_s"][-1] - sum(st.values())
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in st.items())
+            print(f"  {r['model']} ({r['scheduler']}), last round: {parts}, "
+                  f"scheduling/other {rest:.2f}s")
+    return 0
+
+

@@ -1,0 +1,326 @@
+"""mor-bench models inside EleutherAI's lm-evaluation-harness, without forking it.
+
+    import evals.lmeval.adapter  # registers the model name "mor-bench"
+    lm_eval.simple_evaluate(model="mor-bench",
+                            model_args="checkpoint=runs/smoke-latest/mor-3-1.2e12F-s0,routing=causal",
+                            tasks=["hellaswag"])
+    # or with an instance: simple_evaluate(model=MorBenchLM(model=m, tokenizer=tok), ...)
+
+Scores are batch-invariant: requests are length-sorted and right-padded, and every forward
+passes each row's real length, so MoR top-k routing computes capacities over real tokens
+only and padding never competes for them (the reference code's fork let padding tokens
+take capacity, so a request's score depended on its batch). `routing` selects MoR's
+evaluation routing ("topk", the paper's protocol and not causal, or "causal"); the adapter
+reports it so every lm-eval result can say which mode produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from mor.checkpoint import load_checkpoint, read_checkpoint_meta
+from mor.errors import ConfigError
+from mor.model import CausalLM
+
+
+def _as_int(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lm-eval model arg {name}={value!r} must be an integer") from None
+
+
+@register_model("mor-bench")
+class MorBenchLM(TemplateLM):
+    """A `TemplateLM` over the mor-bench model interface (any family)."""
+
+    def __init__(self, checkpoint: str | None = None, *, model: CausalLM | None = None,
+                 tokenizer=None, routing: str | None = None, batch_size: Any = 16,
+                 device: str | None = None, max_length: Any = None, **_ignored: Any) -> None:
+        super().__init__()
+        from evals.data.tokenizer import tokenizer_from_spec
+
+        if (checkpoint is None) == (model is None):
+            raise ConfigError("MorBenchLM needs exactly one of checkpoint=PATH or model=...")
+        overrides = {"eval_routing": routing} if routing else {}
+        if checkpoint is not None:
+            _, meta = read_checkpoint_meta(checkpoint)
+            spec = meta.get("extra", {}).get("tokenizer")
+            if tokenizer is None and spec is None:
+                raise ConfigError(f"checkpoint '{checkpoint}' records no tokenizer; pass "
+                                  "tokenizer=...")
+            model = load_checkpoint(checkpoint, **overrides)
+            tokenizer = tokenizer or tokenizer_from_spec(spec)
+        elif routing:
+            if model.cfg.family != "mor":
+                raise ConfigError("routing= applies to MoR models only")
+            model.set_eval_routing(routing)
+        if tokenizer is None:
+            raise ConfigError("MorBenchLM(model=...) also needs tokenizer=...")
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(dev).eval()
+        self.tok = tokenizer
+        self.device_ = dev
+        bs = "auto" if str(batch_size).startswith("auto") else batch_size
+        self.batch_size_ = 16 if bs == "auto" else max(1, _as_int(bs, "batch_size"))
+        self.max_length_ = (_as_int(max_length, "max_length") if max_length
+                            else model.cfg.max_seq_len)
+        cfg = model.cfg
+        self.routing = (None if cfg.family != "mor"
+                        else ("token" if cfg.router == "token" else cfg.eval_routing))
+
+    # --- the TemplateLM contract ---------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.max_length_
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_
+
+    @property
+    def device(self):
+        return self.device_
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **kwargs) -> list[int]:
+        return self.tok.encode(string)  # no BOS: the models were trained without one
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tok.decode(tokens)
+
+    @torch.no_grad()
+    def _score_batch(self, rows: list[list[int]]) -> torch.Tensor:
+        """Log-probabilities [B, T, V] of right-padded rows, each routed as if alone."""
+        lengths = torch.tensor([len(r) for r in rows])
+        width = int(lengths.max())
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        out = self.model(ids.to(self.device_), lengths=lengths.to(self.device_))
+        return F.log_softmax(out.logits.float(), dim=-1).cpu()
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
+                              ) -> list[tuple[float, bool]]:
+        """(cache key, context ids, continuation ids) -> (sum log p(continuation), greedy?).
+
+        The input is context + continuation minus its last token, truncated on the left to
+        max_length; requests are scored longest first in batches of `batch_size`."""
+        items = []
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ConfigError("lm-eval sent an empty continuation; nothing to score")
+            # A continuation longer than the window: its first tokens cannot be predicted
+            # inside it, so only the last max_length are scored.
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            items.append((i, whole[:-1], list(cont)[-self.max_length:]))
+        order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
+        results: list[tuple[float, bool] | None] = [None] * len(items)
+        for start in range(0, len(order), self.batch_size):
+            chunk = [items[j] for j in order[start:start + self.batch_size]]
+            logp = self._score_batch([inp for _, inp, _ in chunk])
+            for row, (i, inp, cont) in enumerate(chunk):
+                n = len(cont)
+                span = logp[row, len(inp) - n: len(inp)]  # predictions of the continuation
+                target = torch.tensor(cont)
+                total = span.gather(1, target.unsqueeze(1)).sum().item()
+                greedy = bool((span.argmax(-1) == target).all())
+                results[i] = (total, greedy)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], (total, greedy))
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood in disjoint windows of max_length (perplexity)."""
+        out = []
+        for req in requests:
+            (string,) = req.args
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.eot_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scored = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            total = sum(s for s, _ in scored)
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding until a stop string, the end-of-text token or `max_gen_toks`
+        tokens. Causal models (vanilla, recursive, MoR under causal or token-choice routing)
+        decode incrementally with a KV cache, all requests through `mor.decode.Engine`;
+        MoR under top-k routing re-runs the whole sequence at each step (top-k is not causal:
+        earlier tokens' depths can change as text is appended)."""
+        if self.routing != "topk":
+            return self._generate_cached(requests)
+        return self._generate_rerun(requests)
+
+    @torch.no_grad()
+    def _generate_rerun(self, requests) -> list[str]:
+        """Greedy decoding that re-runs the whole (windowed) sequence at every step."""
+        out = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = _as_int(kwargs.get("max_gen_toks", 256), "max_gen_toks")
+            ids = self.tok_encode(context) or [self.eot_token_id]
+            new: list[int] = []
+            text = ""
+            for _ in range(max_new):
+                window = (ids + new)[-self.max_length:]
+                logits = self.model(torch.tensor([window], device=self.device_)).logits
+                nxt = int(logits[0, -1].argmax())
+                if nxt == self.eot_token_id:
+                    break
+                new.append(nxt)
+                text = self.tok_decode(new)
+                if any(s and s in text for s in until):
+                    break
+            for s in until:
+                if s and s in text:
+                    text = text[: text.index(s)]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+    @torch.no_grad()
+    def _generate_cached(self, requests) -> list[str]:
+        """`generate_until` through the continuous-batching decoder. The context keeps its
+        last (window - max_gen_toks) tokens so the whole generation fits the window."""
+        from mor.decode import Engine, Request
+
+        window = min(self.max_length, self.model.cfg.max_seq_len)
+        jobs, untils = [], []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = min(_as_int(kwargs.get("max_gen_toks", 256), "max_gen_toks"),
+                          window - 1)
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-(window - max_new + 1):]
+            untils.append(until)
+
+            def stop(toks, until=until) -> bool:
+                if toks[-1] == self.eot_token_id:
+                    return True
+                text = self.tok_decode(toks)
+                return any(s and s in text for s in until)
+
+            jobs.append(Request(prompt=ids, max_new_tokens=max_new, id=i, stop=stop))
+        if not jobs:
+            return []
+        engine = Engine(self.model, max_batch=min(self.batch_size, len(jobs)),
+                        max_len=window, kv_capacity="full")
+        out = []
+        for req, done, until in zip(requests, engine.generate(jobs), untils):
+            toks = done.tokens
+            if self.eot_token_id in toks:
+                toks = toks[: toks.index(self.eot_token_id)]
+            text = self.tok_decode(toks)
+            for s in until:
+                if s and s in text:
+                    text = text[: text.index(s)]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return out
+
+    def get_model_info(self) -> dict[str, Any]:
+        cfg = self.model.cfg
+        return {"family": cfg.family, "layers": cfg.layer_plan, "routing": self.routing,
+                "num_recursions": cfg.num_recursions}
+
+
+# --- running task lists ----------------------------------------------------------------------
+ITEM_METRICS = ("acc", "acc_norm")
+
+
+def sample_items(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Compact per-item correctness from lm-eval's logged samples of one task:
+    [{"doc_id": int, "acc": 0/1, "acc_norm": 0/1 (when the task has it)}], sorted by doc_id,
+    one entry per document (a document logged under several filters keeps its first)."""
+    items: dict[int, dict[str, Any]] = {}
+    for sample in samples:
+        doc_id = int(sample["doc_id"])
+        if doc_id in items:
+            continue
+        item: dict[str, Any] = {"doc_id": doc_id}
+        for metric in ITEM_METRICS:
+            value = sample.get(metric)
+            if isinstance(value, (bool, int, float)):
+                item[metric] = int(value) if value in (0, 1) else float(value)
+        items[doc_id] = item
+    return [items[k] for k in sorted(items)]
+
+
+def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
+              num_fewshot: int | None = 0, limit: int | None = None,
+              log_samples: bool = False) -> dict[str, Any]:
+    """Evaluate `lm` on lm-eval tasks; local task YAMLs come from `include_paths`, anything
+    else from lm-eval's own task index (which needs the Hub for its datasets).
+
+    Returns {"tasks": {name: {"metrics": {metric: value}, "stderr": {metric: value},
+    "n": docs}}, "num_fewshot", "limit", "routing", "lm_eval_version"}; with `log_samples`
+    also "items": {task: `sample_items`} (per-item correctness for paired tests; lm-eval's
+    full samples, prompts included, are not returned)."""
+    from importlib import metadata
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from evals.lmeval.tasks import data_local_task_names, include_paths_for
+
+    paths = include_paths_for(tasks, include_paths or [])
+    need_defaults = any(t not in data_local_task_names(paths) for t in tasks)
+    manager = TaskManager(include_path=paths or None, include_defaults=need_defaults)
+    # lm-eval prints progress notes on stdout; keep stdout for results (`--json`).
+    with contextlib.redirect_stdout(sys.stderr):
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
+                                      num_fewshot=num_fewshot, limit=limit,
+                                      log_samples=log_samples, bootstrap_iters=1000)
+    out: dict[str, Any] = {}
+    n_samples = res.get("n-samples", {})
+    for name, metrics in res["results"].items():
+        vals, errs = {}, {}
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, _, _filter = key.partition(",")
+            if metric.endswith("_stderr"):
+                errs[metric.removesuffix("_stderr")] = float(value)
+            else:
+                vals[metric] = float(value)
+        n = n_samples.get(name, {}).get("effective")
+        subtasks = res.get("group_subtasks", {}).get(name) or []
+        out[name] = {"metrics": vals, "stderr": errs, "n": n, "subtasks": list(subtasks)}
+    def items(name: str, seen=()) -> int | None:  # a group's n: its members' items
+        entry = out.get(name)
+        if entry is None or name in seen:
+            return None
+        if entry["n"] is not None or not entry["subtasks"]:
+            return entry["n"]
+        counts = [items(sub, (*seen, name)) for sub in entry["subtasks"]]
+        return sum(c for c in counts if c) or None
+
+    for name in out:
+        out[name]["n"] = items(name)
+    result = {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
+              "routing": getattr(lm, "routing", None),
+              "lm_eval_version": metadata.version("lm_eval")}
+    if log_samples:
+        result["items"] = {task: sample_items(samples)
+                           for task, samples in (res.get("samples") or {}).items()}
+    return result

@@ -1,0 +1,433 @@
+"""Suite files: which models to compare, on what data, under which compute budget.
+
+A suite is a TOML file; the built-ins ship in `evals/suite/builtins/` and are addressed by name
+(`mor-bench run smoke`). Everything is validated here -- every model config is built and
+every training length planned -- before any data is touched or any step is trained.
+
+    name = "smoke"
+    seeds = [0]
+    [data]     corpus, tokenizer, seq_len, val_fraction, synthetic_docs, max_docs, val_windows
+    [budget]   flops = [2e13]   (forward FLOPs, paper convention)   or   tokens = [1e6]
+    [train]    any `evals.training.loop.TrainConfig` field
+    [defaults] model config fields (and `preset`) applied to every model
+    [[models]] name = "...", then `preset` and any `mor.ModelConfig` field; an optional
+               `budget = {tokens = ...}` replaces the suite budget for that model
+    [eval]     few-shot tasks through lm-evaluation-harness (`EvalSettings`)
+    [infer]    generation-throughput benchmark after training (`evals.perf.generation`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from evals.data.corpus import DataSpec
+from evals.training.budget import Budget, TrainPlan, plan_training
+from evals.training.loop import TrainConfig
+from mor.config import ModelConfig
+from mor.errors import ConfigError
+
+_TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models",
+             "eval", "infer"}
+
+
+BATCH_MODES = ("max",)
+SCHEDULER_CHOICES = ("auto", "sequence", "depth", "both")
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    """The benchmark's settings; a suite's [infer] table holds any of these fields."""
+
+    samples: int = 64
+    """Sequences generated per model and round (paper: 1000)."""
+    gen_mean: float = 128.0
+    """Mean generation length in tokens (paper: 256)."""
+    gen_std: float = 32.0
+    """Standard deviation of the generation length; lengths are clipped to [1, max_len - 1]."""
+    max_len: int | None = None
+    """Cache length per sequence (default: the longest drawn length + 1, at most each
+    model's max_seq_len)."""
+    batch_size: int | str = 32
+    """Sequence slots decoded together: an integer, or "max" (see `memory_budget_mb`)."""
+    memory_budget_mb: float | None = None
+    """For batch_size = "max": parameter + KV-cache bytes allowed per model (MiB). Default:
+    what the reference model needs at `reference_batch`."""
+    reference_batch: int = 32
+    """The reference (vanilla) model's batch that defines the default memory budget."""
+    repeats: int = 3
+    """Timed rounds per model (interleaved); medians are reported."""
+    seed: int = 0
+    """Seeds the generation lengths and every request's sampling stream."""
+    temperature: float = 1.0
+    """0 = greedy."""
+    kv_capacity: str = "routed"
+    """MoR cache per recursion step: "routed" (k_r = c_r * max_len tokens, the paper's
+    memory) or "full" (every step can hold every token)."""
+    scheduler: str = "auto"
+    """MoR: "auto"/"depth" (depth-wise batching), "sequence", or "both"."""
+    threads: int | None = None
+    """torch threads (None: torch's default)."""
+    device: str = "cpu"
+    """"cpu", "cuda" or "auto" (CUDA when available). Models decode in their stored dtype."""
+
+    def __post_init__(self) -> None:
+        def fail(field: str, msg: str) -> None:
+            raise ConfigError(f"infer setting '{field}': {msg}")
+
+        if not isinstance(self.samples, int) or self.samples < 1:
+            fail("samples", f"must be a positive integer, got {self.samples!r}")
+        if not self.gen_mean >= 1:
+            fail("gen_mean", f"must be >= 1, got {self.gen_mean!r}")
+        if not self.gen_std >= 0:
+            fail("gen_std", f"must be >= 0, got {self.gen_std!r}")
+        if isinstance(self.batch_size, str):
+            if self.batch_size not in BATCH_MODES:
+                fail("batch_size", f"an integer >= 1 or \"max\", got {self.batch_size!r}")
+        elif not isinstance(self.batch_size, int) or self.batch_size < 1:
+            fail("batch_size", f"an integer >= 1 or \"max\", got {self.batch_size!r}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            fail("memory_budget_mb", f"must be > 0, got {self.memory_budget_mb!r}")
+        if self.reference_batch < 1:
+            fail("reference_batch", f"must be >= 1, got {self.reference_batch!r}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            fail("repeats", f"must be a positive integer, got {self.repeats!r}")
+        if self.temperature < 0:
+            fail("temperature", f"must be >= 0, got {self.temperature!r}")
+        if self.kv_capacity not in ("routed", "full"):
+            fail("kv_capacity", f"\"routed\" or \"full\", got {self.kv_capacity!r}")
+        if self.scheduler not in SCHEDULER_CHOICES:
+            fail("scheduler", f"one of {SCHEDULER_CHOICES}, got {self.scheduler!r}")
+        if self.max_len is not None and self.max_len < 2:
+            fail("max_len", f"must be >= 2, got {self.max_len!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            fail("device", f"\"cpu\", \"cuda\" or \"auto\", got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> InferSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}unknown infer setting(s) {unknown}; known: "
+                              f"{', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """A suite's [eval] table: few-shot tasks run through lm-evaluation-harness after
+    training (expert-choice MoR under both top-k and causal routing)."""
+
+    tasks: tuple[str, ...] = ()
+    """lm-eval task or group names: "mor_synthetic" (generated with the run), the offline
+    paper tasks ("mor_paper_local", "hellaswag_local", ... after `mor-bench data
+    benchmarks`), or any lm-eval task name (needs the Hugging Face Hub)."""
+    num_fewshot: int = 0
+    """Shots per item (the paper's released configs: 0)."""
+    limit: int | None = None
+    """Evaluate only the first `limit` items of each task (quick runs)."""
+    batch_size: int = 32
+    """Requests per forward pass (scores do not depend on it)."""
+
+
+@dataclass(frozen=True)
+class DataSettings(DataSpec):
+    """A suite's [data] table: the data spec plus how much of validation to use."""
+
+    val_windows: int = 64
+    """Held-out windows of seq_len tokens used for validation NLL (the paper: 500 x 2048)."""
+
+    def planned_vocab(self) -> int | None:
+        """Vocabulary size knowable without loading data (None for HF tokenizers)."""
+        if self.tokenizer == "bytes":
+            return 257
+        if self.tokenizer.startswith("bpe:") and self.tokenizer[4:].isdigit():
+            return int(self.tokenizer[4:])
+        return None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config: ModelConfig
+    budgets: tuple[Budget, ...]
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    source: str           # file path, or "builtin:NAME"
+    text: str             # the TOML text, kept verbatim for provenance
+    seeds: tuple[int, ...]
+    data: DataSettings
+    train: TrainConfig
+    models: tuple[ModelEntry, ...]
+    evaluation: EvalSettings = EvalSettings()
+    infer: InferSettings | None = None
+    """The [infer] table: after training, every model's generation throughput, measured
+    side by side (`evals.perf.generation`); None = no inference phase."""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a model at one budget with one seed."""
+
+    run_id: str
+    model_name: str
+    config: ModelConfig
+    budget: Budget
+    seed: int
+    plan: TrainPlan
+    warmup_steps: int
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "model_name": self.model_name, "preset": self.preset,
+            "config": self.config.to_dict(),
+            "budget": {"kind": self.budget.kind, "value": self.budget.value},
+            "seed": self.seed, "plan": self.plan.to_dict(), "warmup_steps": self.warmup_steps,
+        }
+
+
+def builtin_suites() -> dict[str, str]:
+    """Built-in suite name -> TOML text."""
+    root = resources.files("evals") / "suite" / "builtins"
+    return {p.name.removesuffix(".toml"): p.read_text() for p in root.iterdir()
+            if p.name.endswith(".toml")}
+
+
+def load_suite(name_or_path: str) -> Suite:
+    builtins = builtin_suites()
+    if name_or_path in builtins:
+        return parse_suite(builtins[name_or_path], f"builtin:{name_or_path}")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"suite '{name_or_path}' is neither a built-in suite "
+                          f"({', '.join(sorted(builtins))}) nor an existing TOML file")
+    return parse_suite(path.read_text(), str(path))
+
+
+def _check_keys(where: str, table: dict, allowed: set[str], source: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {where} must be a table, got {table!r}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in "
+                          f"{where}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_types(where: str, table: dict, cls: type, source: str) -> None:
+    """Reject values of the wrong TOML type (lr = "fast") with a message naming the field,
+    before the dataclasses compare them with numbers and raise a bare TypeError."""
+    types = {f.name: f.type if isinstance(f.type, str) else str(f.type)
+             for f in dataclasses.fields(cls)}
+    number = (int, float)
+    for key, value in table.items():
+        base = types.get(key, "").split("|")[0].strip()
+        is_num = isinstance(value, number) and not isinstance(value, bool)
+        if base == "int":
+            ok, want = is_num and isinstance(value, int), "an integer"
+        elif base == "float":
+            ok, want = is_num, "a number"
+        elif base == "str":
+            ok, want = isinstance(value, str), "a string"
+        elif base == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        elif base.startswith("tuple["):
+            inner = [t.strip() for t in base[6:-1].split(",")]
+            size = None if "..." in inner else len(inner)
+            ok = (isinstance(value, list | tuple) and (size is None or len(value) == size)
+                  and all(isinstance(v, number) and not isinstance(v, bool) for v in value))
+            want = f"a list of {size or 'some'} numbers"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{source}: {where} field '{key}' must be {want}, got {value!r}")
+
+
+def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
+    if not isinstance(table, dict) or len(table) != 1 or next(iter(table)) not in ("flops",
+                                                                                   "tokens"):
+        raise ConfigError(f"{source}: {where} needs exactly one key, 'flops' or 'tokens' "
+                          "(a number or a list of numbers)")
+    kind, values = next(iter(table.items()))
+    values = values if isinstance(values, list) else [values]
+    if not values:
+        raise ConfigError(f"{source}: {where}.{kind} is empty")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{source}: {where}.{kind} must hold numbers, got {values!r}")
+    if kind == "tokens" and any(float(v) != int(v) for v in values):
+        raise ConfigError(f"{source}: {where}.tokens must be whole numbers, got {values!r}")
+    if len({f"{float(v):.6g}" for v in values}) != len(values):
+        raise ConfigError(f"{source}: {where}.{kind} lists the same budget twice ({values}); "
+                          "budgets must differ in their first 6 significant digits")
+    try:
+        if kind == "flops":
+            return tuple(Budget(flops=float(v)) for v in values)
+        return tuple(Budget(tokens=int(v)) for v in values)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{source}: {where}: {e}") from None
+        raise ConfigError(f"{source}: {where}.{kind} must hold numbers, got {values!r}") from None
+
+
+def parse_suite(text: str, source: str) -> Suite:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e}); fix the file's syntax") from None
+    _check_keys("the top level", raw, _TOP_KEYS, source)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: missing 'name' (a string naming the suite)")
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: 'seeds' lists a seed twice ({seeds}); each seed is one "
+                          "run, list it once")
+
+    data_raw = raw.get("data", {})
+    _check_keys("[data]", data_raw, {f.name for f in dataclasses.fields(DataSettings)},
+                source)
+    _check_types("[data]", data_raw, DataSettings, source)
+    data = DataSettings(**data_raw)
+    if not isinstance(data.seq_len, int) or data.seq_len < 2:
+        raise ConfigError(f"{source}: [data] seq_len must be an integer >= 2")
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"{source}: [data] val_fraction must be in (0, 1)")
+    if not isinstance(data.val_windows, int) or data.val_windows < 1:
+        raise ConfigError(f"{source}: [data] val_windows must be a positive integer")
+
+    train_raw = raw.get("train", {})
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    _check_keys("[train]", train_raw, train_fields, source)
+    _check_types("[train]", train_raw, TrainConfig, source)
+    try:
+        train = TrainConfig(**train_raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: [train] {e}") from None
+
+    if "budget" not in raw:
+        raise ConfigError(f"{source}: missing [budget] (flops = [...] or tokens = [...])")
+    suite_budgets = _budgets(raw["budget"], "[budget]", source)
+
+    defaults = raw.get("defaults", {})
+    _check_keys("[defaults]", defaults, set(defaults) if isinstance(defaults, dict) else set(),
+                source)
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError(f"{source}: no [[models]] entries; add at least one model")
+    models: list[ModelEntry] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(models_raw):
+        where = f"[[models]] #{i + 1}"
+        _check_keys(where, entry, set(entry) if isinstance(entry, dict) else set(), source)
+        entry = {**defaults, **entry}
+        mname = entry.pop("name", None)
+        if not isinstance(mname, str) or not mname or "/" in mname:
+            raise ConfigError(f"{source}: {where} needs a 'name' (a string without '/')")
+        if mname in seen:
+            raise ConfigError(f"{source}: model name {mname!r} appears twice; names must be "
+                              "unique")
+        seen.add(mname)
+        where = f"model {mname!r}"
+        budgets = (_budgets(entry.pop("budget"), f"{where} budget", source)
+                   if "budget" in entry else suite_budgets)
+        preset = entry.pop("preset", None)
+        if "vocab_size" not in entry and data.planned_vocab() is not None:
+            entry["vocab_size"] = data.planned_vocab()
+        _check_types(where, entry, ModelConfig, source)
+        try:
+            cfg = (ModelConfig.from_preset(preset, **entry) if preset
+                   else ModelConfig.from_dict(entry))
+            if data.seq_len > cfg.max_seq_len and "max_seq_len" not in entry:
+                cfg = cfg.replace(max_seq_len=data.seq_len)  # RoPE tables must cover it
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {where}: {e}") from None
+        models.append(ModelEntry(mname, cfg, budgets, preset))
+    eval_raw = raw.get("eval", {})
+    _check_keys("[eval]", eval_raw, {f.name for f in dataclasses.fields(EvalSettings)}, source)
+    tasks = eval_raw.get("tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError(f"{source}: [eval] tasks must be a list of lm-eval task names")
+    for key in ("num_fewshot", "batch_size", "limit"):
+        value = eval_raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < (0 if key == "num_fewshot" else 1)):
+            raise ConfigError(f"{source}: [eval] {key} must be a "
+                              f"{'non-negative' if key == 'num_fewshot' else 'positive'} "
+                              f"integer, got {value!r}")
+    evaluation = EvalSettings(**{**eval_raw, "tasks": tuple(tasks)})
+    infer = None
+    if "infer" in raw:
+        if not isinstance(raw["infer"], dict):
+            raise ConfigError(f"{source}: [infer] must be a table of benchmark settings")
+        infer = InferSettings.from_dict(raw["infer"], where=f"{source}: [infer] ")
+    return Suite(name=name, description=str(raw.get("description", "")), source=source,
+                 text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
+                 evaluation=evaluation, infer=infer)
+
+
+def plan_runs(suite: Suite) -> list[RunSpec]:
+    """Every (model, budget, seed) run with its planned length; raises before any compute
+    if a budget cannot fund a single step."""
+    runs: list[RunSpec] = []
+    t = suite.train
+    for m in suite.models:
+        try:
+            plans = [plan_training(m.config, b, suite.data.seq_len, t.batch_size, t.grad_accum)
+                     for b in m.budgets]
+        except ConfigError as e:
+            raise ConfigError(f"{suite.source}: model {m.name!r}: {e}") from None
+        # The paper warms up over 5% of the smallest budget's steps, for every budget.
+        warmup = max(1, round(t.warmup_frac * min(p.steps for p in plans)))
+        for b, p in zip(m.budgets, plans):
+            for seed in suite.seeds:
+                run_id = f"{m.name}-{b.tag}-s{seed}"
+                runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
+                                    min(warmup, p.steps), m.preset))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):  # a guard: names, budgets and seeds are unique above
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"{suite.source}: run ids collide ({', '.join(dup)}); rename models")
+    return runs
+
+
+def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:
+    """The dry-run view of a plan: one row per run, JSON-serialisable."""
+    from mor import flops
+
+    rows = []
+    for r in runs:
+        counts = flops.param_counts(r.config)
+        rows.append({
+            "run_id": r.run_id, "model": r.model_name, "family": r.config.family,
+            "num_recursions": r.config.num_recursions, "sharing": (
+                r.config.sharing if r.config.family != "vanilla" else None),
+            "layers": r.config.layer_plan, "unrolled_depth": r.config.unrolled_depth,
+            "params_unique": counts["unique"], "params_non_embedding": counts["non_embedding"],
+            "flops_per_token_paper": r.plan.flops_per_token,
+            "budget_kind": r.budget.kind, "budget": r.budget.value,
+            "tokens": r.plan.tokens, "steps": r.plan.steps,
+            "batch_tokens": r.plan.tokens_per_step, "flops_used": r.plan.flops_used,
+            "warmup_steps": r.warmup_steps, "seed": r.seed,
+        })
+    return rows
+

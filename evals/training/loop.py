@@ -1,0 +1,203 @@
+"""The training loop and the measurements taken while training.
+
+AdamW (beta 0.9, 0.95), gradient clipping at 1.0, warmup-stable-decay LR, fp32 on CPU and
+bf16 autocast on CUDA. Weight decay rule: decay every weight MATRIX of a linear layer
+(attention, MLP, routers); never decay the embedding (also the tied head), RMSNorm weights
+or biases -- decaying the shared embedding shrinks both ends of the model, and norms are
+scales, not features.
+
+Measured: wall time of optimizer steps only (validation is excluded), tokens/s, peak
+memory (CUDA: `max_memory_allocated`; CPU: the process's max RSS, which is this run's own
+peak because the runner starts one process per run), the loss curve and routing stats.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evals.training.budget import TrainPlan, wsd_lr
+from mor.errors import ConfigError
+from mor.model import CausalLM
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (independent of the model and of the budget)."""
+
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (the paper's 3e-3)."""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup_frac: float = 0.05
+    """Warmup as a fraction of the steps of the smallest budget in the suite."""
+    decay_frac: float = 0.2
+    """Linear decay to 0 over this last fraction of the steps."""
+    log_every: int = 10
+    """Loss-curve resolution in optimizer steps."""
+    val_batch_size: int = 32
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu" or "cuda"."""
+    threads: int | None = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "val_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"train field '{name}': must be a positive integer, got {v!r}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"train field 'lr': must be in (0, 1), got {self.lr}")
+        for name in ("warmup_frac", "decay_frac"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ConfigError(f"train field '{name}': must be in [0, 1), got {v}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train field 'device': must be auto, cpu or cuda, got "
+                              f"{self.device!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+def param_groups(model: CausalLM, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 and name != "embed.weight":
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_time_s: float
+    tokens_per_s: float
+    peak_mem_bytes: int
+    peak_mem_kind: str
+    final_train_loss: float
+    loss_curve: list[dict] = field(default_factory=list)
+    routing: dict[str, float] = field(default_factory=dict)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured). CPU: the process's resident-set high-water mark from
+    /proc/self/status (VmHWM), which a freshly exec'd run process starts anew; ru_maxrss
+    is NOT used on Linux because a spawned child inherits its parent's value."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process_peak_rss"
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes, own process
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
+
+
+def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
+          warmup_steps: int, device: torch.device,
+          on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Run `plan.steps` optimizer steps over `batches` (an iterator of (x, y) CPU tensors).
+
+    `on_step(step, loss, lr)` is called after every step (progress display)."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
+                            betas=tcfg.betas, fused=device.type == "cuda")
+    use_autocast = device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    curve: list[dict] = []
+    routing_sums: dict[str, float] = {}
+    routing_n = 0
+    train_time = 0.0
+    loss_val = math.nan
+    tokens = 0
+    for step in range(plan.steps):
+        lr = wsd_lr(step, peak_lr=tcfg.lr, total_steps=plan.steps, warmup_steps=warmup_steps,
+                    decay_frac=tcfg.decay_frac)
+        micro = [next(batches) for _ in range(tcfg.grad_accum)]  # data loading is not timed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for x, y in micro:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                out = model(x, y, step=step)  # the step drives MoR capacity warm-up
+            # Dividing the whole loss (LM + router aux) by grad_accum keeps the aux weight
+            # independent of the accumulation count.
+            (out.loss / tcfg.grad_accum).backward()
+            loss_sum += out.lm_loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step(out.stats)  # e.g. loss-free balancing's bias update
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - t0
+        tokens += plan.tokens_per_step
+        is_log = step % tcfg.log_every == 0 or step == plan.steps - 1
+        if is_log or on_step is not None:
+            loss_val = (loss_sum / tcfg.grad_accum).item()
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"training loss became {loss_val} at step {step}; "
+                                         "lower the learning rate")
+        if is_log:
+            curve.append({"step": step + 1, "tokens": tokens, "loss": loss_val, "lr": lr,
+                          "time_s": train_time})
+            for k, v in out.stats.items():
+                routing_sums[k] = routing_sums.get(k, 0.0) + float(v)
+            routing_n += 1
+        if on_step is not None:
+            on_step(step, loss_val, lr)
+    peak, kind = peak_memory(device)
+    return TrainResult(
+        steps=plan.steps, tokens=tokens, train_time_s=train_time,
+        tokens_per_s=tokens / train_time if train_time > 0 else math.nan,
+        peak_mem_bytes=peak, peak_mem_kind=kind, final_train_loss=loss_val, loss_curve=curve,
+        routing={k: v / routing_n for k, v in routing_sums.items()} if routing_n else {},
+    )
+
+
+@torch.no_grad()
+def evaluate_nll(model: CausalLM, windows: Tensor, *, batch_size: int,
+                 device: torch.device) -> dict[str, float]:
+    """Mean next-token NLL (nats/token) over held-out windows [N, T+1], in eval mode (MoR
+    routes with its `eval_routing`)."""
+    was_training = model.training
+    model.to(device).eval()
+    total, count = 0.0, 0
+    stats_sum: dict[str, float] = {}
+    n_batches = 0
+    for i in range(0, windows.shape[0], batch_size):
+        w = windows[i:i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(w[:, :-1], w[:, 1:])
+        n = w[:, 1:].numel()
+        total += out.lm_loss.item() * n
+        count += n
+        for k, v in out.stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+        n_batches += 1
+    model.train(was_training)
+    return {"val_nll": total / count, "val_tokens": count,
+            **{f"val_{k}": v / n_batches for k, v in stats_sum.items()}}
