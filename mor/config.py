@@ -11,7 +11,6 @@ says nothing about tokens or steps. Presets are the paper's backbones (docs/meth
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +55,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "1.7b": dict(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32, d_ff=8192,
                  vocab_size=49152, max_seq_len=2048),
 }
-PAPER_PRESETS = ("135m", "360m", "730m", "1.7b")
 
 
 @dataclass(frozen=True)
@@ -359,9 +357,6 @@ class ModelConfig:
         if out["capacities"] is not None:
             out["capacities"] = list(out["capacities"])
         return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     def replace(self, **changes: Any) -> ModelConfig:
         data = self.to_dict()

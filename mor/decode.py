@@ -22,12 +22,17 @@ keys/values loaded into a slot), `step` (one token per slot through the whole mo
     call is full again.
 
 Routing while decoding is causal by construction: expert-choice decodes with the causal
-rule (token t takes step r iff it took r-1 and its router logit is > 0 -- top-k over a
-sequence needs the future), token-choice with its router's depth. With
-`kv_capacity="routed"` a recursion step's cache holds k_r = floor(c_r * max_len) tokens (the
-paper's KV memory); a token routed to a step whose cache is full for its sequence stops
-recursing there (counted in `stats["capped"]`); with "full" nothing is ever capped and
-decoding equals the full forward in causal mode exactly (up to float rounding).
+rule (token t takes step r iff it took r-1 and its router -- or aux predictor -- logit is
+> 0; top-k over a sequence needs the future), token-choice with its router's depth; both
+through the rules of `mor.routing` the model's forward uses. With `kv_capacity="routed"` a
+recursion step's cache holds k_r = max(1, floor(c_r * max_len)) tokens (the paper's KV
+memory); a token routed to a step whose cache is full for its sequence stops recursing there
+(counted in `stats["capped"]`); with "full" nothing is ever capped and decoding equals the full
+forward in causal mode (`model(ids, routing="causal")`) exactly (up to float rounding).
+
+The engine never changes the model it is given: prompts run through the forward with
+routing="causal" passed explicitly (the model's `eval_routing` and train/eval flag stay as
+they are), and the fused projections are the engine's own copies (`fused_bytes`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from mor.errors import ConfigError
 from mor.kv_cache import CacheFullError, KVCache, applications
 from mor.layers import _rotate_half
 from mor.model import CausalLM
+from mor.routing import causal_take, expert_gate, step_logits, token_choice
 
 SCHEDULERS = ("auto", "sequence", "depth")
 
@@ -115,9 +121,10 @@ class Engine:
         cfg = model.cfg
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
-        self.model, self.cfg = model.eval(), cfg
-        if cfg.family == "mor" and cfg.router == "expert":
-            model.set_eval_routing("causal")  # top-k needs the whole sequence
+        self.model, self.cfg = model, cfg
+        # Expert-choice prompts run through the forward under the causal rule (top-k needs
+        # the whole sequence); passed per call, so the model's own routing is untouched.
+        self.routing = "causal" if cfg.family == "mor" and cfg.router == "expert" else None
         self.kind = "plain" if cfg.family != "mor" else cfg.router
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -164,20 +171,19 @@ class Engine:
     def _fuse_weights(self) -> None:
         """Concatenate each layer's Q/K/V and gate/up projections into one matrix so a
         decoding layer runs 4 matmuls instead of 7 (per-call overhead dominates small
-        batches). The model's own parameters become views of the fused tensors: no extra
-        memory, and the model's forward is unchanged."""
+        batches). The fused matrices are the engine's own COPIES: the model's parameters are
+        left untouched, at the cost of a second copy of those projections (about 2/3 of each
+        layer's weights; the engine's memory, not the KV cache's). The copies are taken now:
+        build a new engine after changing the model's weights."""
         self._wqkv, self._wgu = [], []
-        for blk in self.model.layers:
-            at, mlp = blk.attn, blk.mlp
-            for mods, store in (((at.q_proj, at.k_proj, at.v_proj), self._wqkv),
-                                ((mlp.gate_proj, mlp.up_proj), self._wgu)):
-                fused = torch.cat([m.weight.data for m in mods])
-                at_row = 0
-                for m in mods:
-                    rows = m.weight.shape[0]
-                    m.weight.data = fused[at_row: at_row + rows]
-                    at_row += rows
-                store.append(fused)
+        with torch.no_grad():
+            for blk in self.model.layers:
+                at, mlp = blk.attn, blk.mlp
+                self._wqkv.append(torch.cat([at.q_proj.weight, at.k_proj.weight,
+                                             at.v_proj.weight]))
+                self._wgu.append(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.fused_bytes = sum(w.numel() * w.element_size() for w in self._wqkv + self._wgu)
+        """Memory of the fused copies, on top of the model's parameters and the KV cache."""
 
     def _prepare(self, li: int, pos: Tensor, slots: Tensor, rec: int | Tensor,
                  all_slots: bool) -> _Call:
@@ -300,26 +306,21 @@ class Engine:
 
     def _expert_decide(self, h: Tensor, rec: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Expert-choice, causal rule: (take [n] bool, gate [n]) for step rec (1-based;
-        rec > N_r never takes)."""
-        model, nr = self.model, self.cfg.num_recursions
-        r0 = (rec.clamp(max=nr) - 1).unsqueeze(1)
-        logits = torch.cat([rt(h) for rt in model.routers], -1).float().gather(1, r0)
-        decide = logits
-        if self.cfg.expert_aux == "router":
-            decide = torch.cat([pr(h) for pr in model.predictors], -1).float().gather(1, r0)
-        take = (self._always[rec] | (decide.squeeze(1) > 0)) & (rec <= nr)
+        rec > N_r never takes). A token routed to a step whose cache is full for its slot
+        does not take it (`stats["capped"]`)."""
+        model, cfg, nr = self.model, self.cfg, self.cfg.num_recursions
+        logits = step_logits(model.routers, h, rec)
+        decide = (step_logits(model.predictors, h, rec) if cfg.expert_aux == "router"
+                  else logits)
+        take = causal_take(rec <= nr, decide, self._always[rec])
         room = self._room(rec.clamp(max=nr + 1), slots)
         self.stats["capped"] += int((take & ~room).sum())
-        return take & room, model._gate(logits.squeeze(1)).to(h.dtype)
+        return take & room, expert_gate(logits, cfg).to(h.dtype)
 
     def _token_route(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Token-choice: (depth [n] in 1..N_r, gate [n]) from the first layer's output."""
-        cfg, model = self.cfg, self.model
-        logits = model.router(h).float()
-        probs = logits.softmax(-1) if cfg.router_func == "softmax" else logits.sigmoid()
-        scores = probs + model.router_bias if cfg.balancing == "loss_free" else probs
-        choice = scores.argmax(-1)
-        gate = cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        choice, _, gate = token_choice(self.model.router(h).float(), self.cfg,
+                                       self.model.router_bias)
         return choice + 1, gate.to(h.dtype)
 
     # --- one token per slot through the whole model (sequence-wise) ---------------------------
@@ -385,7 +386,7 @@ class Engine:
         self.cache.reset(slot)
         self.stats["prefills"] += 1
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        out = self.model(ids, collect_kv=True)
+        out = self.model(ids, collect_kv=True, routing=self.routing)
         for entry in out.kv:
             if entry.shared:
                 continue

@@ -2,12 +2,13 @@
 
 RMSNorm, rotary position embeddings in Hugging Face Llama's rotate-half layout, grouped-
 query attention on `F.scaled_dot_product_attention`, and a SwiGLU MLP. Parameter names and
-shapes map 1:1 onto `transformers`' `LlamaForCausalLM` (see `baselines/hf_llama.py`), so
-weights convert without reordering heads.
+shapes map 1:1 onto `transformers`' `LlamaForCausalLM` (see `baselines/vanilla.py`,
+`to_hf_state_dict`), so weights convert without reordering heads.
 
-Every block takes explicit `positions` so MoR can run a sub-sequence of selected tokens at
-their ORIGINAL RoPE positions, and an optional boolean `attn_mask` (True = may attend) for
-routing modes whose selections differ between rows of a batch.
+Every block takes the RoPE tables (cos, sin) of explicit positions, so MoR can run a
+sub-sequence of selected tokens at their ORIGINAL RoPE positions, and an optional boolean
+`attn_mask` (True = may attend) for routing modes whose selections differ between rows of a
+batch.
 """
 
 from __future__ import annotations

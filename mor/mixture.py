@@ -23,7 +23,8 @@ KV (`kv`): "cache" -- step r attends only among the tokens routed to r (recursio
 caching); "share" -- steps r > 1 compute no K/V projections and attend over the first
 recursion's keys/values of the whole sequence (queries only for the selected tokens).
 
-Routing modes at evaluation (`cfg.eval_routing`; training always uses top-k):
+Routing modes at evaluation (`cfg.eval_routing`, or `forward(routing=...)` for one pass
+without switching the model; training uses top-k unless told otherwise):
   "topk"   -- expert-choice as in the paper. NOT causal: whether token t goes deeper
               depends on the scores of later tokens in the same sequence.
   "causal" -- expert-choice: token t takes step r iff it took r-1 and its router (or aux
@@ -31,13 +32,17 @@ Routing modes at evaluation (`cfg.eval_routing`; training always uses top-k):
               objective trains; steps of capacity 1 keep every token, as top-k does.
               Token-choice is always causal: a token's depth depends on itself only.
 
+Top-k over a right-padded batch (`forward(lengths=...)`) is the same path with masks: each
+row keeps its top k of its REAL tokens, and losses and statistics cover real tokens only.
+
+The routing rules (routers, capacities, selection, the causal rule, token choice, gates) are
+the functions of `mor.routing` (docs/routing.md), which the decode engine calls as well.
+
 The auxiliary losses are per-batch means like the LM loss, so gradient accumulation divides
 them alike: their weight does not depend on the accumulation count (docs/protocol.md §7).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -45,59 +50,29 @@ from torch import Tensor, nn
 
 from mor.config import ModelConfig
 from mor.model import CausalLM, KVEntry
+from mor.routing import (
+    Router,
+    capacity_schedule,
+    causal_take,
+    compact_selection,
+    expert_gate,
+    forward_mode,
+    gather_tokens,
+    scatter_tokens,
+    step_logits,
+    token_choice,
+    topk_select,
+)
 
 
-class Router(nn.Module):
-    """Linear(d, out) or, for router_arch="mlp", Linear(d, d) -> GELU -> Linear(d, out)."""
-
-    def __init__(self, d: int, out: int, arch: str) -> None:
-        super().__init__()
-        if arch == "linear":
-            self.net = nn.Linear(d, out, bias=False)
-        else:
-            self.net = nn.Sequential(nn.Linear(d, d, bias=False), nn.GELU(),
-                                     nn.Linear(d, out, bias=False))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x.mean() if mask is None else x[mask].mean()
 
 
-def capacity_schedule(cfg: ModelConfig, step: int | None) -> tuple[float, ...]:
-    """Capacities in force at training `step`: a cosine from 1.0 (step 0) to the targets
-    (step >= capacity_warmup_steps). None (evaluation) means the targets."""
-    targets = cfg.step_capacities
-    n = cfg.capacity_warmup_steps
-    if n == 0 or step is None:
-        return targets
-    w = 0.5 * (1.0 + math.cos(math.pi * min(step / n, 1.0)))  # 1 -> 0
-    return tuple(c + (1.0 - c) * w for c in targets)
-
-
-def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """x [B, T, d], idx [B, k] -> [B, k, d]."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _scatter_tokens(h: Tensor, idx: Tensor, values: Tensor) -> Tensor:
-    return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), values)
-
-
-def compact_selection(selected: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """Boolean [B, T] -> (idx [B, K], valid [B, K] or None when every row has K tokens).
-
-    Row b lists its selected positions in increasing order, then (padding, valid=False) the
-    first unselected ones; K is the largest count in the batch. (None, None) if nothing is
-    selected anywhere."""
-    counts = selected.sum(1)
-    k = int(counts.max())
-    if k == 0:
-        return None, None
-    t = selected.shape[1]
-    key = (~selected).long() * t + torch.arange(t, device=selected.device)
-    idx = key.argsort(dim=1)[:, :k]
-    if bool((counts == k).all()):
-        return idx, None
-    return idx, torch.arange(k, device=selected.device) < counts.unsqueeze(1)
+def _masked_bce(logits: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.binary_cross_entropy_with_logits(logits[mask], target[mask])
 
 
 class MoRLM(CausalLM):
@@ -124,34 +99,27 @@ class MoRLM(CausalLM):
     # --- configuration views -----------------------------------------------------------------
     @property
     def routing_mode(self) -> str:
-        if self.cfg.router == "token":
-            return "token"
-        return "topk" if self.training else self.cfg.eval_routing
+        """The routing a forward pass uses unless told otherwise (`forward(routing=...)`)."""
+        return forward_mode(self.cfg, self.training)
 
     def set_eval_routing(self, mode: str) -> None:
         """Switch the evaluation routing mode of a built model (validated like the config)."""
         self.cfg = self.cfg.replace(eval_routing=mode)
 
-    def _gate(self, logits: Tensor) -> Tensor:
-        fn = torch.tanh if self.cfg.router_func == "tanh" else torch.sigmoid
-        return self.cfg.router_alpha * fn(logits)
-
     # --- the stack ---------------------------------------------------------------------------
     def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None,
-                   lengths: Tensor | None = None):
+                   lengths: Tensor | None = None, routing: str | None = None):
         t = h.shape[1]
         cos, sin = self.rope_for(torch.arange(t, device=h.device))
         for i in self.first:
             h, kv = self.layers[i](h, cos, sin)
             if kv_log is not None:
                 kv_log.append(KVEntry(i, 1, *kv))
-        mode = self.routing_mode
+        mode = forward_mode(self.cfg, self.training, routing)
         if mode == "token":
             h, aux, stats, depths = self._token_choice(h, kv_log)
-        elif mode == "topk" and lengths is not None:
-            h, aux, stats, depths = self._expert_topk_ragged(h, lengths, step, kv_log)
         elif mode == "topk":
-            h, aux, stats, depths = self._expert_topk(h, step, kv_log)
+            h, aux, stats, depths = self._expert_topk(h, step, kv_log, lengths)
         else:
             h, aux, stats, depths = self._expert_causal(h, kv_log)
         for i in self.last:
@@ -196,113 +164,91 @@ class MoRLM(CausalLM):
         stats[f"selected_frac_sq/r{r}"] = (frac * frac).mean().detach()
 
     @staticmethod
-    def _dead_ratio(selected_last: Tensor) -> Tensor:
-        """Fraction of sequence positions that no sequence of the batch sends through the
-        last recursion step: 0 when routing varies across sequences, 1 - c_last when every
-        sequence picks the same positions (the paper's 66.7% at N_r=3 is that collapse)."""
-        return 1.0 - selected_last.any(0).float().mean()
+    def _dead_ratio(selected_last: Tensor, real: Tensor | None = None) -> Tensor:
+        """Fraction of sequence positions (`real` [T]: those that hold a token in some row of
+        a padded batch) that no sequence of the batch sends through the last recursion step:
+        0 when routing varies across sequences, 1 - c_last when every sequence picks the same
+        positions (the paper's 66.7% at N_r=3 is that collapse)."""
+        return 1.0 - _masked_mean(selected_last.any(0).float(), real)
 
     # --- expert-choice -----------------------------------------------------------------------
-    def _expert_topk(self, h: Tensor, step: int | None, kv_log):
+    def _expert_topk(self, h: Tensor, step: int | None, kv_log,
+                     lengths: Tensor | None = None):
+        """Top-k expert-choice routing (training, and evaluation under "topk").
+
+        `lengths` None: every row has T real tokens and step r keeps k_r = max(1,
+        floor(c_r T)) of them. `lengths` [B] (a right-padded batch, e.g. lm-eval batches of
+        mixed lengths): row b keeps k_b = max(1, floor(c_r len_b)) REAL candidates and
+        padding never competes, so each row routes exactly as it would alone; losses and
+        statistics are then taken over real candidates only (`valid`)."""
         cfg = self.cfg
         b, t, _ = h.shape
         caps = capacity_schedule(cfg, step)
-        idx = torch.arange(t, device=h.device).expand(b, t)  # candidates' positions
+        pos = torch.arange(t, device=h.device)
+        idx = pos.expand(b, t)  # candidates' positions
+        # Real candidates: None when every candidate of every row is real (rectangular).
+        valid = None if lengths is None else pos.unsqueeze(0) < lengths.unsqueeze(1)
         aux = h.new_zeros((), dtype=torch.float32)
         stats: dict[str, Tensor] = {}
         depths = torch.zeros(b, t, dtype=torch.long, device=h.device)
         kv_store: list = []
         accs = []
         for r, router in enumerate(self.routers, 1):
-            cand = _gather_tokens(h, idx)
+            cand = gather_tokens(h, idx)
             logits = router(cand).squeeze(-1).float()  # [B, n]
             n = logits.shape[1]
-            k = min(n, max(1, math.floor(caps[r - 1] * t)))
-            if k < n:
-                top = logits.topk(k, dim=-1).indices.sort(dim=-1).values
-            else:
-                top = torch.arange(n, device=h.device).expand(b, n)
-            member = torch.zeros_like(logits).scatter_(1, top, 1.0)
+            top, keep, k = topk_select(logits, caps[r - 1], t, lengths, valid, idx)
+            member = torch.zeros_like(logits).scatter_(
+                1, top, 1.0 if keep is None else keep.float())
             if cfg.expert_aux == "loss":
                 decide = logits
-                bce = F.binary_cross_entropy_with_logits(logits, member)
+                bce = _masked_bce(logits, member, valid)
                 aux = aux + cfg.aux_loss_coef * bce
             else:
                 # The predictor sees detached states: it learns the routing, it cannot
                 # change the model it predicts.
-                decide = self.predictors[r - 1](cand.detach()).squeeze(-1).float()
-                bce = F.binary_cross_entropy_with_logits(decide, member)
+                decide = step_logits(self.predictors, cand.detach(), r)
+                bce = _masked_bce(decide, member, valid)
                 aux = aux + bce
             if cfg.router_z_coef:
-                aux = aux + cfg.router_z_coef * logits.pow(2).mean()  # logsumexp of 1 logit
+                # logsumexp of a single logit is the logit itself
+                aux = aux + cfg.router_z_coef * _masked_mean(logits.pow(2), valid)
             sel_idx = idx.gather(1, top)
-            x = _gather_tokens(cand, top)
-            gate = self._gate(logits.gather(1, top)).unsqueeze(-1).to(x.dtype)
-            y = self._apply_shared(x, sel_idx, None, r, kv_store, kv_log)
-            h = _scatter_tokens(h, sel_idx, x + gate * y)
-            depths.scatter_add_(1, sel_idx, torch.ones_like(sel_idx))
-            stats[f"selected_frac/r{r}"] = torch.tensor(k / t)
-            stats[f"selected_frac_sq/r{r}"] = torch.tensor((k / t) ** 2)
-            stats[f"gate_mean/r{r}"] = gate.detach().float().mean()
+            x = gather_tokens(cand, top)
+            gate = expert_gate(logits.gather(1, top), cfg).unsqueeze(-1).to(x.dtype)
+            all_kept = keep is None or bool(keep.all())
+            y = self._apply_shared(x, sel_idx, None if all_kept else keep, r, kv_store,
+                                   kv_log)
+            new = x + gate * y
+            if not all_kept:
+                new = torch.where(keep.unsqueeze(-1), new, x)
+            h = scatter_tokens(h, sel_idx, new)
+            if keep is None:
+                depths.scatter_add_(1, sel_idx, torch.ones_like(sel_idx))
+                stats[f"selected_frac/r{r}"] = torch.tensor(k / t)
+                stats[f"selected_frac_sq/r{r}"] = torch.tensor((k / t) ** 2)
+                partial = k < n
+            else:
+                depths.scatter_add_(1, sel_idx, keep.long())
+                frac = k.float() / lengths.float()
+                stats[f"selected_frac/r{r}"] = frac.mean()
+                stats[f"selected_frac_sq/r{r}"] = (frac * frac).mean()
+                partial = bool((k < valid.sum(1)).any())
+            stats[f"gate_mean/r{r}"] = _masked_mean(gate.squeeze(-1).detach().float(), keep)
             stats[f"router_bce/r{r}"] = bce.detach()
-            if k < n:
-                acc = ((decide > 0) == (member > 0.5)).float().mean().detach()
+            if partial:  # some candidates were left out: the decision had something to learn
+                hit = ((decide > 0) == (member > 0.5)).float()
+                acc = _masked_mean(hit, valid).detach()
                 stats[f"sampling_acc/r{r}"] = acc
                 accs.append(acc)
-            idx = sel_idx
+            idx, valid = sel_idx, keep
         if accs:
             stats["sampling_acc"] = torch.stack(accs).mean()
         if caps[-1] < 1.0:
-            last = torch.zeros(b, t, dtype=torch.bool, device=h.device).scatter_(1, idx, True)
-            stats["dead_token_ratio"] = self._dead_ratio(last).detach()
-        return h, aux, stats, depths
-
-    def _expert_topk_ragged(self, h: Tensor, lengths: Tensor, step: int | None, kv_log):
-        """Top-k routing of a right-padded batch: row b's step r keeps its top
-        k_b = max(1, floor(c_r * len_b)) REAL candidates; padding never competes, so each
-        row routes exactly as it would alone (lm-eval batches of mixed lengths)."""
-        cfg = self.cfg
-        b, t, _ = h.shape
-        caps = capacity_schedule(cfg, step)
-        pos = torch.arange(t, device=h.device)
-        idx = pos.expand(b, t)
-        valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # real candidates
-        aux = h.new_zeros((), dtype=torch.float32)
-        stats: dict[str, Tensor] = {}
-        depths = torch.zeros(b, t, dtype=torch.long, device=h.device)
-        kv_store: list = []
-        for r, router in enumerate(self.routers, 1):
-            cand = _gather_tokens(h, idx)
-            logits = router(cand).squeeze(-1).float()
-            k_rows = torch.minimum(valid.sum(1), torch.clamp(
-                torch.floor(caps[r - 1] * lengths.float()).long(), min=1))
-            k = int(k_rows.max())
-            masked = logits.masked_fill(~valid, float("-inf"))
-            by_score = masked.topk(k, dim=-1).indices  # best first
-            keep = torch.arange(k, device=h.device) < k_rows.unsqueeze(1)
-            # Back to causal order, kept tokens first: the compaction layout.
-            order = ((~keep).long() * t + idx.gather(1, by_score)).argsort(dim=1)
-            top = by_score.gather(1, order)
-            step_valid = keep.gather(1, order)
-            member = torch.zeros_like(logits).scatter_(1, top, step_valid.float())
-            if cfg.expert_aux == "loss":
-                bce = F.binary_cross_entropy_with_logits(logits[valid], member[valid])
-                aux = aux + cfg.aux_loss_coef * bce
-            sel_idx = idx.gather(1, top)
-            x = _gather_tokens(cand, top)
-            gate = self._gate(logits.gather(1, top)).unsqueeze(-1).to(x.dtype)
-            all_valid = bool(step_valid.all())
-            y = self._apply_shared(x, sel_idx, None if all_valid else step_valid, r, kv_store,
-                                   kv_log)
-            new = x + gate * y
-            if not all_valid:
-                new = torch.where(step_valid.unsqueeze(-1), new, x)
-            h = _scatter_tokens(h, sel_idx, new)
-            depths.scatter_add_(1, sel_idx, step_valid.long())
-            frac = k_rows.float() / lengths.float()
-            stats[f"selected_frac/r{r}"] = frac.mean()
-            stats[f"selected_frac_sq/r{r}"] = (frac * frac).mean()
-            idx, valid = sel_idx, step_valid
+            last = torch.zeros(b, t, dtype=torch.bool, device=h.device).scatter_(
+                1, idx, True if valid is None else valid)
+            real = None if lengths is None else pos < lengths.max()
+            stats["dead_token_ratio"] = self._dead_ratio(last, real).detach()
         return h, aux, stats, depths
 
     def _expert_causal(self, h: Tensor, kv_log):
@@ -315,22 +261,24 @@ class MoRLM(CausalLM):
         kv_store: list = []
         for r, router in enumerate(self.routers, 1):
             logits = router(h).squeeze(-1).float()  # [B, T]; cheap next to the block
-            if caps[r - 1] < 1.0:
+            full = caps[r - 1] >= 1.0
+            decide = None  # a full step keeps everyone: no decision to compute
+            if not full:
                 decide = (logits if cfg.expert_aux == "loss"
-                          else self.predictors[r - 1](h).squeeze(-1).float())
-                selected = selected & (decide > 0)  # sigmoid(logit) > 0.5
+                          else step_logits(self.predictors, h, r))
+            selected = causal_take(selected, decide, full)
             self._selection_stats(stats, r, selected)
             idx, valid = compact_selection(selected)
             if idx is None:
                 stats[f"gate_mean/r{r}"] = logits.new_zeros(())
                 continue  # nobody goes on; deeper steps select from nobody
-            x = _gather_tokens(h, idx)
-            gate = self._gate(logits.gather(1, idx)).unsqueeze(-1).to(x.dtype)
+            x = gather_tokens(h, idx)
+            gate = expert_gate(logits.gather(1, idx), cfg).unsqueeze(-1).to(x.dtype)
             y = self._apply_shared(x, idx, valid, r, kv_store, kv_log)
             new = x + gate * y
             if valid is not None:
                 new = torch.where(valid.unsqueeze(-1), new, x)
-            h = _scatter_tokens(h, idx, new)
+            h = scatter_tokens(h, idx, new)
             depths += selected.long()
             g_sel = gate.squeeze(-1) if valid is None else gate.squeeze(-1)[valid]
             stats[f"gate_mean/r{r}"] = g_sel.detach().float().mean()
@@ -343,11 +291,9 @@ class MoRLM(CausalLM):
         cfg = self.cfg
         nr = cfg.num_recursions
         logits = self.router(h).float()  # [B, T, N_r], on the first layer's output
-        probs = logits.softmax(-1) if cfg.router_func == "softmax" else logits.sigmoid()
-        scores = probs + self.router_bias if cfg.balancing == "loss_free" else probs
-        choice = scores.argmax(-1)  # 0-based depth index; the bias never reaches the gate
-        depths = choice + 1
-        gate = (cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1))).to(h.dtype)
+        choice, probs, gate = token_choice(logits, cfg, self.router_bias)
+        depths = choice + 1  # choice is the 0-based depth index
+        gate = gate.unsqueeze(-1).to(h.dtype)
         h1, cur = h, h
         stats: dict[str, Tensor] = {}
         kv_store: list = []
@@ -357,11 +303,11 @@ class MoRLM(CausalLM):
             idx, valid = compact_selection(selected)
             if idx is None:
                 continue
-            x = _gather_tokens(cur, idx)
+            x = gather_tokens(cur, idx)
             y = self._apply_shared(x, idx, valid, r, kv_store, kv_log)
             if valid is not None:
                 y = torch.where(valid.unsqueeze(-1), y, x)
-            cur = _scatter_tokens(cur, idx, y)
+            cur = scatter_tokens(cur, idx, y)
         h = h1 + gate * cur  # H^1 + g_i f^(i)(H^1): cur stopped at each token's depth
 
         loads = F.one_hot(choice, nr).float().mean((0, 1))  # fraction routed to each depth

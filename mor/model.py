@@ -81,9 +81,10 @@ class CausalLM(nn.Module):
 
     # --- the family-specific part: MoR overrides it ------------------------------------------
     def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None,
-                   lengths: Tensor | None = None
+                   lengths: Tensor | None = None, routing: str | None = None
                    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor], Tensor | None]:
         """h [B, T, d] -> (h, weighted aux loss or None, stats, per-token depths or None).
+        `lengths` and `routing`: see `forward` (models without a router ignore them).
 
         Vanilla and recursive models apply the unique layers in `cfg.schedule()` order
         (a recursive model visits the same `Block` objects several times; each visit is its
@@ -105,13 +106,16 @@ class CausalLM(nn.Module):
     # --- shared ------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *,
                 step: int | None = None, collect_kv: bool = False,
-                lengths: Tensor | None = None) -> ModelOutput:
+                lengths: Tensor | None = None, routing: str | None = None) -> ModelOutput:
         """`step`: the training step (drives MoR capacity warm-up; None = warm-up done).
         `collect_kv`: also return every layer application's keys/values (`out.kv`).
         `lengths` [B]: real tokens per row of a RIGHT-padded batch. Causal attention already
         keeps padding out of real tokens' outputs; MoR top-k routing additionally computes
         each row's capacity from its real length and never lets padding compete, so a
-        sequence's outputs do not depend on what else is in its batch."""
+        sequence's outputs do not depend on what else is in its batch.
+        `routing`: the MoR routing mode of this pass ("topk" or "causal"; see
+        `mor.routing.forward_mode`) instead of the model's own, which stays as it is; None
+        (default) routes as the model does. Models without a router ignore it."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ConfigError(f"sequence of {t} tokens exceeds max_seq_len="
@@ -123,7 +127,8 @@ class CausalLM(nn.Module):
                     ((lengths < 1) | (lengths > t)).any()):
                 raise ConfigError(f"lengths must hold one value in 1..{t} per row, got "
                                   f"{lengths.tolist()}")
-        h, aux, stats, depths = self._run_stack(self.embed(input_ids), step, kv_log, lengths)
+        h, aux, stats, depths = self._run_stack(self.embed(input_ids), step, kv_log, lengths,
+                                               routing)
         logits = F.linear(self.norm(h), self.embed.weight)  # tied output head
         out = ModelOutput(logits=logits, aux_loss=aux, stats=stats, depths=depths, kv=kv_log)
         if targets is not None:

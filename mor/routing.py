@@ -1,23 +1,30 @@
-"""MoR routing rules, written once (docs/routing.md).
+"""MoR routing rules, written once (docs/routing.md; docs/method.md §3).
 
-The evaluation-mode helpers below are what every caller that switches a model's routing
-uses; the routing rules themselves (router modules, capacities, selection, the causal
-expert rule, token choice, the gate) live here too, as pure functions that both the
-model's forward (`mor.mixture`) and the decode engine (`mor.decode`) call.
+The evaluation-mode helpers (`eval_modes`, `routing_label`, `use_routing`) are what every
+caller that switches a model's routing uses. The routing rules themselves -- the router
+module, capacities, selection and its compaction, the causal expert rule, token choice and
+the gate -- are pure functions of tensors and the config, called by both the model's forward
+(`mor.mixture`) and the decode engine (`mor.decode`), so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mor.config import ModelConfig
+import torch
+from torch import Tensor, nn
+
+from mor.config import EVAL_ROUTING, ModelConfig
+from mor.errors import ConfigError
 
 NOT_ROUTED = "default"
 """The routing label of models without a router (vanilla, recursive)."""
 
 
+# --- evaluation modes ----------------------------------------------------------------------------
 def eval_modes(cfg: ModelConfig) -> tuple[str, ...]:
     """The routing modes a model can be evaluated under: expert-choice MoR both the
     paper's top-k (not causal) and the causal rule; token-choice its (causal) router;
@@ -48,3 +55,170 @@ def use_routing(model: Any, mode: str | None) -> Iterator[Any]:
         yield model
     finally:
         model.set_eval_routing(previous)
+
+
+def forward_mode(cfg: ModelConfig, training: bool, mode: str | None = None) -> str:
+    """The routing one MoR forward pass uses: "token" for token-choice (causal by
+    construction); for expert-choice the explicit `mode` when given ("topk" or "causal"),
+    else "topk" in training and the config's `eval_routing` at evaluation. An explicit mode
+    lets a caller (the decode engine) route a pass without switching the model."""
+    if mode is not None and mode not in EVAL_ROUTING:
+        raise ConfigError(f"routing mode must be one of {', '.join(EVAL_ROUTING)}, got "
+                          f"{mode!r}")
+    if cfg.router == "token":
+        if mode == "topk":
+            raise ConfigError("token-choice routing is causal by construction; 'topk' "
+                              "applies to expert-choice only")
+        return "token"
+    if mode is not None:
+        return mode
+    return "topk" if training else cfg.eval_routing
+
+
+# --- routers and gates ---------------------------------------------------------------------------
+class Router(nn.Module):
+    """Linear(d, out) or, for router_arch="mlp", Linear(d, d) -> GELU -> Linear(d, out)."""
+
+    def __init__(self, d: int, out: int, arch: str) -> None:
+        super().__init__()
+        if arch == "linear":
+            self.net = nn.Linear(d, out, bias=False)
+        else:
+            self.net = nn.Sequential(nn.Linear(d, d, bias=False), nn.GELU(),
+                                     nn.Linear(d, out, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def step_logits(modules: nn.ModuleList, h: Tensor, rec: int | Tensor) -> Tensor:
+    """Float logits of the per-step expert-choice routers (or aux predictors) `modules` on
+    hidden states h at recursion step `rec` (1-based): an int for every row (h [..., d] ->
+    [...]), or a LongTensor [n] holding each row's own step (h [n, d] -> [n]; steps past N_r
+    read step N_r's module, for callers that mask those rows out)."""
+    if isinstance(rec, int):
+        return modules[rec - 1](h).squeeze(-1).float()
+    r0 = (rec.clamp(max=len(modules)) - 1).unsqueeze(1)
+    return torch.cat([m(h) for m in modules], -1).float().gather(1, r0).squeeze(1)
+
+
+def router_scores(logits: Tensor, func: str) -> Tensor:
+    """func(logits): "sigmoid" or "tanh" elementwise (expert-choice: one logit per step),
+    "softmax" over the last dimension or "sigmoid" (token-choice: one logit per depth)."""
+    if func == "sigmoid":
+        return logits.sigmoid()
+    if func == "tanh":
+        return logits.tanh()
+    if func == "softmax":
+        return logits.softmax(-1)
+    raise ConfigError(f"unknown router function {func!r}; choose sigmoid, tanh or softmax")
+
+
+def expert_gate(logits: Tensor, cfg: ModelConfig) -> Tensor:
+    """Expert-choice gate g = alpha * func(logit) of the tokens that take a step; their
+    update is H <- H + g * f(H) (docs/method.md §3)."""
+    return cfg.router_alpha * router_scores(logits, cfg.router_func)
+
+
+def token_choice(logits: Tensor, cfg: ModelConfig, bias: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Token-choice routing from router logits [..., N_r]: (choice [...] -- the 0-based index
+    of the depth, top-1 of the scores; probs [..., N_r] = func(logits); gate [...] =
+    alpha * probs[choice]). With loss-free balancing the selection bias `bias` [N_r] is added
+    to the scores for the CHOICE only: it never reaches the gate."""
+    probs = router_scores(logits, cfg.router_func)
+    scores = probs + bias if cfg.balancing == "loss_free" and bias is not None else probs
+    choice = scores.argmax(-1)
+    gate = cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return choice, probs, gate
+
+
+# --- expert-choice selection ---------------------------------------------------------------------
+def capacity_schedule(cfg: ModelConfig, step: int | None) -> tuple[float, ...]:
+    """Capacities in force at training `step`: a cosine from 1.0 (step 0) to the targets
+    (step >= capacity_warmup_steps). None (evaluation) means the targets."""
+    targets = cfg.step_capacities
+    n = cfg.capacity_warmup_steps
+    if n == 0 or step is None:
+        return targets
+    w = 0.5 * (1.0 + math.cos(math.pi * min(step / n, 1.0)))  # 1 -> 0
+    return tuple(c + (1.0 - c) * w for c in targets)
+
+
+def step_capacity(capacity: float, length: int) -> int:
+    """Tokens a step of capacity c keeps out of `length`: k = max(1, floor(c * length))."""
+    return max(1, math.floor(capacity * length))
+
+
+def topk_select(logits: Tensor, capacity: float, t: int, lengths: Tensor | None = None,
+                valid: Tensor | None = None, positions: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, int | Tensor]:
+    """Expert-choice top-k of one step over candidates scored `logits` [B, n] (in causal
+    order). Returns (top [B, K] candidate indices, causal order; keep [B, K] or None; the
+    tokens each row keeps: an int when every row keeps the same, else a tensor [B]).
+
+    Rectangular (`lengths` None): every row keeps k = min(n, max(1, floor(c T))), keep None.
+    Ragged (right-padded batch, `lengths` [B] real tokens per row, `valid` [B, n] the real
+    candidates, `positions` [B, n] their sequence positions): row b keeps its top
+    k_b = min(real candidates, max(1, floor(c len_b))) REAL candidates, so padding never
+    competes and each row routes as it would alone; its kept tokens come first in causal
+    order, then (keep False) padding up to K = max k_b."""
+    b, n = logits.shape
+    dev = logits.device
+    if lengths is None:
+        k = min(n, step_capacity(capacity, t))
+        if k < n:
+            top = logits.topk(k, dim=-1).indices.sort(dim=-1).values
+        else:
+            top = torch.arange(n, device=dev).expand(b, n)
+        return top, None, k
+    k_rows = torch.minimum(valid.sum(1), torch.clamp(
+        torch.floor(capacity * lengths.float()).long(), min=1))
+    k = int(k_rows.max())
+    by_score = logits.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices  # best first
+    keep = torch.arange(k, device=dev) < k_rows.unsqueeze(1)
+    order = ((~keep).long() * t + positions.gather(1, by_score)).argsort(dim=1)
+    return by_score.gather(1, order), keep.gather(1, order), k_rows
+
+
+def causal_take(took_prev: Tensor, decide: Tensor | None, full: bool | Tensor = False
+                ) -> Tensor:
+    """The causal expert-choice rule: a token takes step r iff it took step r-1 (`took_prev`)
+    and its deciding logit -- the step's router, or its aux predictor with
+    expert_aux="router" -- is > 0, i.e. sigmoid > 0.5, the membership the auxiliary BCE
+    trains. Steps of capacity 1 (`full`, a bool or a per-token bool tensor) keep every token,
+    as top-k does; `decide` may be None when `full` is True."""
+    if full is True:
+        return took_prev
+    go = decide > 0
+    if isinstance(full, Tensor):
+        go = go | full
+    return took_prev & go
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, T, d], idx [B, k] -> [B, k, d]."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(h: Tensor, idx: Tensor, values: Tensor) -> Tensor:
+    """h with rows idx [B, k] of each sequence replaced by values [B, k, d] (out of place)."""
+    return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), values)
+
+
+def compact_selection(selected: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Boolean [B, T] -> (idx [B, K], valid [B, K] or None when every row has K tokens).
+
+    Row b lists its selected positions in increasing order, then (padding, valid=False) the
+    first unselected ones; K is the largest count in the batch. (None, None) if nothing is
+    selected anywhere."""
+    counts = selected.sum(1)
+    k = int(counts.max())
+    if k == 0:
+        return None, None
+    t = selected.shape[1]
+    key = (~selected).long() * t + torch.arange(t, device=selected.device)
+    idx = key.argsort(dim=1)[:, :k]
+    if bool((counts == k).all()):
+        return idx, None
+    return idx, torch.arange(k, device=selected.device) < counts.unsqueeze(1)

@@ -50,8 +50,9 @@ def make_model(variant: str, seed: int = 0, n_layers: int | None = None):
 
 
 def full_forward(model, ids: list[int]):
+    """The full forward in causal routing (what decoding reproduces), the model unchanged."""
     with torch.no_grad():
-        return model(torch.tensor([ids]))
+        return model(torch.tensor([ids]), routing="causal")
 
 
 def schedulers(variant: str) -> list[str]:
@@ -86,11 +87,44 @@ def test_decode_equals_full_forward(variant: str) -> None:
         assert len({d for o in outs for d in o.depths}) > 1
 
 
-def test_expert_decoding_switches_the_model_to_causal_routing() -> None:
-    model = make_model("mor-3-expert-cache")
-    assert model.cfg.eval_routing == "topk"
-    Engine(model, max_batch=1, max_len=8)
-    assert model.cfg.eval_routing == "causal"
+def _snapshot(model) -> dict:
+    return {"eval_routing": model.cfg.eval_routing, "cfg": model.cfg, "training": model.training,
+            "ptrs": {n: p.data_ptr() for n, p in model.named_parameters()},
+            "storages": {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()},
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "mor-3-expert-cache", "mor-4-expert-aux-router",
+                                     "mor-2-token-cache"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_engine_never_mutates_the_model(variant: str, mode: str) -> None:
+    """Building an engine and decoding (prompts through the prefill, both schedulers) leaves
+    the model as it was: its routing mode (expert-choice stays "topk"), its train/eval flag,
+    every parameter's storage and value, its state dict; its forward gives the same logits."""
+    model = make_model(variant).train(mode == "train")
+    if model.cfg.family == "mor" and model.cfg.router == "expert":
+        assert model.cfg.eval_routing == "topk"
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    before = _snapshot(model)
+    engine = Engine(model, max_batch=2, max_len=16, kv_capacity="full")
+    requests = [Request(prompt=[3, 1, 4, 1], max_new_tokens=6, id=0),
+                Request(prompt=[2], max_new_tokens=5, id=1)]
+    for sched in schedulers(variant):
+        assert all(len(o.tokens) == r.max_new_tokens
+                   for o, r in zip(engine.generate(requests, sched), requests))
+    after = _snapshot(model)
+    for key in ("eval_routing", "cfg", "training", "ptrs", "storages"):
+        assert after[key] == before[key], key
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    # The engine's fused projections are its own storage, not the model's parameters.
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not own & {w.untyped_storage().data_ptr() for w in engine._wqkv + engine._wgu}
 
 
 @pytest.mark.parametrize("variant", ["vanilla", "mor-3-expert-cache", "mor-2-token-cache",
@@ -238,18 +272,17 @@ def test_engine_rejects_bad_requests_and_schedulers() -> None:
         Engine(model, max_batch=2, max_len=10_000)
 
 
-def test_fused_weights_keep_the_model_unchanged() -> None:
-    """The engine fuses Q/K/V and gate/up weights into single matrices whose views are the
-    model's parameters: the model's forward gives the same logits as before."""
+def test_fused_weights_are_the_models_projections() -> None:
+    """The engine's fused Q/K/V and gate/up matrices hold the model's weights (copies taken
+    when the engine is built)."""
     model = make_model("recursive-3")
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        before = model(ids).logits
-        n_params = sum(p.numel() for p in model.parameters())
-        Engine(model, max_batch=1, max_len=8)
-        after = model(ids).logits
-    assert torch.equal(before, after)
-    assert sum(p.numel() for p in model.parameters()) == n_params
-    q = model.layers[0].attn.q_proj.weight
-    assert q.untyped_storage().data_ptr() == \
-        model.layers[0].attn.k_proj.weight.untyped_storage().data_ptr()
+    engine = Engine(model, max_batch=1, max_len=8)
+    for li, blk in enumerate(model.layers):
+        at, mlp = blk.attn, blk.mlp
+        assert torch.equal(engine._wqkv[li], torch.cat([at.q_proj.weight, at.k_proj.weight,
+                                                        at.v_proj.weight]))
+        assert torch.equal(engine._wgu[li], torch.cat([mlp.gate_proj.weight,
+                                                       mlp.up_proj.weight]))
+    cfg = model.cfg
+    per_layer = cfg.d_model * ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.d_ff)
+    assert engine.fused_bytes == 4 * per_layer * cfg.num_unique_layers  # fp32

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from evals.training.budget import Budget, plan_training
 from evals.training.loop import TrainConfig, train
 from mor import ConfigError, ModelConfig, build_model, flops
-from mor.mixture import capacity_schedule, compact_selection
+from mor.routing import capacity_schedule, compact_selection
 
 
 def micro(**kw) -> ModelConfig:

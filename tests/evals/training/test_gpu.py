@@ -42,6 +42,7 @@ def test_decoding_on_cuda_matches_the_full_forward(variant):
         outs = engine.generate([Request([3, 1, 4][: i + 1], 20, id=i) for i in range(3)], sched)
         for o in outs:
             with torch.no_grad():
-                full = model(torch.tensor([o.prompt + o.tokens], device="cuda"))
+                full = model(torch.tensor([o.prompt + o.tokens], device="cuda"),
+                             routing="causal")
             ref = full.logits[0, len(o.prompt) - 1: -1]
             torch.testing.assert_close(torch.stack(o.logits), ref, atol=1e-3, rtol=1e-3)
