@@ -29,9 +29,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from evals.lmeval.tasks import set_hf_offline
 
+    set_hf_offline()  # local tasks only; before lm-eval (and datasets) is imported
     from lm_eval.models.huggingface import HFLM
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

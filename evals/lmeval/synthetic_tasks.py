@@ -8,6 +8,7 @@ multiple-choice task per difficulty family, in the corpus's own text format, as 
 lm-evaluation-harness task YAMLs over local JSONL files::
 
     out = write_synthetic_tasks(Path("runs/synthetic-tasks"))       # the include_path
+    # evaluated by evals.lmeval.adapter.evaluate_synthetic (or run_tasks):
     scores = evaluate_synthetic(MorBenchLM(checkpoint=RUN_DIR), out, num_fewshot=3)
     scores["mor_synth_arithmetic"]   # {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}
 
@@ -49,20 +50,17 @@ split (its own streams, and any item whose context also occurs in the test split
 so a shot never shows the test item's answer.
 
 Generation is deterministic: the same ``(n_items, seed)`` writes byte-identical files, and
-item ``i`` does not depend on ``n_items``. Nothing here touches the environment at import
-time; the functions that load through lm-eval/datasets set ``HF_DATASETS_OFFLINE=1`` and
-``HF_HUB_OFFLINE=1`` while they run.
+item ``i`` does not depend on ``n_items``. This module only writes files: it imports neither
+lm-eval nor ``datasets`` nor any other module of evals.lmeval (the bottom of the package's
+imports), and touches no environment variable.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +112,6 @@ _FAMILIES: dict[str, tuple[Callable[[random.Random], list[Piece]], int]] = {
 
 _ARITH_RE = re.compile(r"(\d+) ([-+*]) (\d+) =$")
 _TABLE_RE = re.compile(r"k(\d+)=(\d+)")
-_QUERY_RE = re.compile(r"k(\d+)\?$")
 _ASSIGN_RE = re.compile(r"([a-z])=(?:(\d+)|([a-z])(?:([-+])(\d+))?)\.")
 
 
@@ -348,79 +345,10 @@ def write_synthetic_tasks(out_dir: Path, *, n_items: int = 200, seed: int = 1234
     return out_dir
 
 
-# --- evaluation ----------------------------------------------------------------------------------
-@contextmanager
-def offline_hf() -> Iterator[None]:
-    """``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` while inside; restored afterwards.
-
-    ``datasets`` reads these variables once at import, so its already-imported config flag is
-    switched (and restored) too."""
-    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    saved_env = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict.fromkeys(keys, "1"))
-    import datasets.config as ds_config
-
-    saved_flags = {k: getattr(ds_config, k) for k in keys if hasattr(ds_config, k)}
-    for k in saved_flags:
-        setattr(ds_config, k, True)
-    try:
-        yield
-    finally:
-        for k, v in saved_flags.items():
-            setattr(ds_config, k, v)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _check_written(out_dir: Path, tasks: Sequence[str]) -> None:
+# --- checks ------------------------------------------------------------------------------------
+def check_written(out_dir: Path, tasks: Sequence[str] = SYNTHETIC_TASKS) -> None:
+    """Raise DataError unless every task of ``tasks`` has its YAML in ``out_dir``."""
     missing = [t for t in tasks if not (Path(out_dir) / f"{t}.yaml").is_file()]
     if missing:
         raise DataError(f"synthetic task YAML(s) {missing} not found in '{out_dir}'; write them "
                         "with evals.lmeval.synthetic_tasks.write_synthetic_tasks(out_dir)")
-
-
-def task_manager(out_dir: Path):
-    """An lm-eval ``TaskManager`` that sees only the tasks written to ``out_dir``."""
-    from lm_eval.tasks import TaskManager
-
-    _check_written(out_dir, SYNTHETIC_TASKS)
-    return TaskManager(include_path=str(Path(out_dir).resolve()), include_defaults=False)
-
-
-def _number(value: Any) -> float:
-    """lm-eval reports a stderr it cannot compute (n == 1) as the string "N/A"."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def evaluate_synthetic(lm, out_dir: Path, *, limit: int | float | None = None,
-                       num_fewshot: int = 0, tasks: Sequence[str] = SYNTHETIC_TASKS
-                       ) -> dict[str, dict[str, float | int]]:
-    """Evaluate ``lm`` (an ``lm_eval.api.model.LM``, e.g. ``MorBenchLM``) on the synthetic
-    tasks written to ``out_dir``; returns ``{task: {"acc", "acc_stderr", "acc_norm",
-    "acc_norm_stderr", "n"}}`` (stderr NaN where lm-eval cannot compute one). A thin view
-    of `evals.lmeval.adapter.run_tasks`, the path suites use."""
-    from evals.lmeval.adapter import run_tasks
-
-    unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
-    if unknown:
-        raise DataError(f"unknown synthetic task(s) {unknown}; expected {SYNTHETIC_TASKS}")
-    _check_written(out_dir, SYNTHETIC_TASKS)
-    with offline_hf():
-        res = run_tasks(lm, list(tasks), include_paths=[Path(out_dir).resolve()],
-                        num_fewshot=num_fewshot, limit=limit)
-    out: dict[str, dict[str, float | int]] = {}
-    for task in tasks:
-        r = res["tasks"][task]
-        row: dict[str, float | int] = {}
-        for m in METRICS:
-            row[m] = _number(r["metrics"].get(m))
-            row[f"{m}_stderr"] = _number(r["stderr"].get(m))
-        row["n"] = int(r["n"])
-        out[task] = row
-    return out

@@ -88,6 +88,51 @@ def test_routing_argument_is_applied_and_reported(tmp_path):
         MorBenchLM(model=vanilla, tokenizer=ByteTokenizer(), routing="causal")
 
 
+def test_routing_argument_leaves_the_callers_model_as_it_was():
+    """routing="causal" on a top-k model: scored and generated under causal routing, and the
+    model still routes with top-k afterwards (the adapter switches only around its own
+    forwards); the validation of the mode happens at construction."""
+    model = _model()  # expert-choice, eval_routing "topk"
+    assert model.cfg.eval_routing == "topk"
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer(), routing="causal", batch_size=4)
+    assert lm.routing == "causal" and model.cfg.eval_routing == "topk"
+    got = lm.loglikelihood(_requests(TEXTS), disable_tqdm=True)
+    assert model.cfg.eval_routing == "topk"
+    causal_twin = MorBenchLM(model=_model(eval_routing="causal"), tokenizer=ByteTokenizer(),
+                             batch_size=4)
+    topk = MorBenchLM(model=_model(), tokenizer=ByteTokenizer(), batch_size=4)
+    assert got == causal_twin.loglikelihood(_requests(TEXTS), disable_tqdm=True)
+    assert got != topk.loglikelihood(_requests(TEXTS), disable_tqdm=True)
+    # generation (through the KV-cached decode engine under causal routing)
+    reqs = [Instance("generate_until", {}, ("12 + 39 =", {"until": [], "max_gen_toks": 5}), 0)]
+    assert lm.generate_until(reqs) == causal_twin.generate_until(reqs)
+    assert model.cfg.eval_routing == "topk"
+    # ...and the other way round: routing="topk" on a causal model
+    causal_model = _model(eval_routing="causal")
+    MorBenchLM(model=causal_model, tokenizer=ByteTokenizer(), routing="topk").loglikelihood(
+        _requests(TEXTS[:2]), disable_tqdm=True)
+    assert causal_model.cfg.eval_routing == "causal"
+    with pytest.raises(ConfigError):  # token-choice routing is causal by construction
+        MorBenchLM(model=_model(router="token"), tokenizer=ByteTokenizer(), routing="topk")
+
+
+def test_run_tasks_leaves_the_model_routing_and_the_environment_as_they_were(tmp_path,
+                                                                              monkeypatch):
+    from evals.lmeval.adapter import run_tasks
+    from evals.lmeval.synthetic_tasks import write_synthetic_tasks
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    model = _model()
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer(), routing="causal", batch_size=8)
+    res = run_tasks(lm, ["mor_synth_recall"], limit=4,
+                    include_paths=[write_synthetic_tasks(tmp_path, n_items=4)])
+    assert res["routing"] == "causal" and res["tasks"]["mor_synth_recall"]["n"] == 4
+    assert model.cfg.eval_routing == "topk"
+    # local data only: offline while lm-eval ran, restored afterwards
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+
+
 def test_loglikelihood_rolling_matches_a_direct_forward():
     model = _model("vanilla")
     tok = ByteTokenizer()
@@ -304,12 +349,11 @@ def test_fewshot_columns_follow_the_paper_layout():
 def test_online_paper_group_names_lm_eval_builtin_tasks():
     """`mor_paper` (shipped) resolves to lm-eval's own seven task names; it is never mistaken
     for local data, so evaluating it would go to the Hub rather than fail offline."""
-    from lm_eval.tasks import TaskManager
-
     from evals.lmeval.tasks import (
         PACKAGE_TASKS,
         data_local_task_names,
         include_paths_for,
+        task_manager,
         use_offline_if_local,
     )
 
@@ -321,7 +365,7 @@ def test_online_paper_group_names_lm_eval_builtin_tasks():
         assert use_offline_if_local(["mor_paper"], paths) is False
     finally:
         os.environ.update({k: v for k, v in env.items() if v is not None})
-    manager = TaskManager(include_path=str(PACKAGE_TASKS), include_defaults=True)
+    manager = task_manager([], ["mor_paper"])  # the package's tasks and lm-eval's own
     assert "mor_paper" in manager.all_groups
     for task in ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy",
                  "arc_challenge", "mmlu_continuation"):

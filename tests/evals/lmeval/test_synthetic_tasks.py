@@ -22,13 +22,12 @@ from lm_eval.api.model import LM
 import mor
 from evals.data import synthetic
 from evals.data.tokenizer import ByteTokenizer
-from evals.lmeval.adapter import MorBenchLM
+from evals.lmeval.adapter import MorBenchLM, evaluate_synthetic
 from evals.lmeval.synthetic_tasks import (
     CHANCE,
     N_FEWSHOT_ITEMS,
     SYNTHETIC_GROUP,
     SYNTHETIC_TASKS,
-    evaluate_synthetic,
     make_items,
     write_synthetic_tasks,
 )
