@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from evals.suite.spec import InferSettings
+from evals.training.device import hardware_info, resolve_device
 from mor import flops
 from mor.errors import ConfigError
 
@@ -151,8 +152,6 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
         raise ConfigError("bench-infer needs at least one checkpoint")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    from evals.training.device import resolve_device
-
     device = resolve_device(settings.device)
     for m in models:
         m.model.to(device)
@@ -221,6 +220,10 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
             "ms_per_iteration": 1000 * med / max(1, st["iterations"]),
             "iterations": st["iterations"],
             "kv_cache_bytes": eng.cache.nbytes(), "param_bytes": _param_bytes(m.model),
+            # The engine's own fused Q/K/V and gate/up copies (it never re-points the
+            # model's weights): reported, but not part of the memory plan, which counts
+            # parameters + KV cache as the paper's comparison does.
+            "engine_fused_bytes": eng.fused_bytes,
             "mean_depth": (st["depth_sum"] / st["passes"]
                            if cfg.family == "mor" and st["passes"] else None),
             "shared_batch_fill": (st["shared_items"] / (st["shared_calls"] * eng.max_batch)
@@ -241,13 +244,5 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
         row["rel_tokens_per_s"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     return {"settings": dataclasses.asdict(settings), "rows": rows, "lengths": lengths,
             "max_len": max_len, "budget_bytes": budget,
-            "hardware": _hardware(), "torch_threads": torch.get_num_threads()}
+            "hardware": hardware_info(), "torch_threads": torch.get_num_threads()}
 
-
-def _hardware() -> dict[str, Any]:
-    try:
-        from evals.suite.provenance import hardware
-
-        return hardware()
-    except Exception as e:  # never lose a benchmark to provenance
-        return {"error": str(e)}

@@ -1,9 +1,13 @@
-"""Where training and benchmarks run: the device, and the measured matmul peak that is the
-denominator of MFU."""
+"""Where training and benchmarks run: the device, the hardware it is (for provenance), and
+the measured matmul peak that is the denominator of MFU."""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,3 +44,37 @@ def measure_matmul_peak(device: str = "cpu", size: int = 1024, repeats: int = 7)
             times.append((time.perf_counter() - t0) / 4)
     times.sort()
     return 2 * size**3 / times[len(times) // 2]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def hardware_info() -> dict[str, Any]:
+    """The machine a number was measured on: platform, CPU model and count, torch threads
+    and version, total memory, and the CUDA device if any."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "machine": platform.machine(),
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _total_memory(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["cuda"] = {"name": props.name, "count": torch.cuda.device_count(),
+                        "memory_bytes": props.total_memory, "version": torch.version.cuda}
+    return info

@@ -8,7 +8,11 @@ scales, not features.
 
 Measured: wall time of optimizer steps only (validation is excluded), tokens/s, peak
 memory (CUDA: `max_memory_allocated`; CPU: the process's max RSS, which is this run's own
-peak because the runner starts one process per run), the loss curve and routing stats.
+peak because the runner starts one process per run), the loss curve and the routing
+statistics averaged over every micro-batch of every step.
+
+One optimizer step is `TrainStep`; the training-speed benchmarks (`evals.perf.train_speed`)
+time that same step.
 """
 
 from __future__ import annotations
@@ -111,34 +115,70 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
 
 
-def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
-          warmup_steps: int, device: torch.device,
-          on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
-    """Run `plan.steps` optimizer steps over `batches` (an iterator of (x, y) CPU tensors).
+def make_optimizer(model: CausalLM, tcfg: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """The loop's AdamW over `param_groups` (fused on CUDA)."""
+    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
+                             betas=tcfg.betas, fused=device.type == "cuda")
 
-    `on_step(step, loss, lr)` is called after every step (progress display)."""
-    model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
-                            betas=tcfg.betas, fused=device.type == "cuda")
-    use_autocast = device.type == "cuda"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    curve: list[dict] = []
-    routing_sums: dict[str, float] = {}
-    routing_n = 0
-    train_time = 0.0
-    loss_val = math.nan
-    tokens = 0
-    for step in range(plan.steps):
-        lr = wsd_lr(step, peak_lr=tcfg.lr, total_steps=plan.steps, warmup_steps=warmup_steps,
-                    decay_frac=tcfg.decay_frac)
-        micro = [next(batches) for _ in range(tcfg.grad_accum)]  # data loading is not timed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced. Tensors stay on the device (no host sync)."""
+
+    step: int
+    lr: float
+    loss: Tensor
+    """Mean LM loss over the step's micro-batches (0-dim, detached)."""
+    stats_sum: dict[str, Tensor]
+    """Routing statistics summed over the micro-batches that reported them."""
+    stats_count: dict[str, int]
+    """How many micro-batches reported each statistic."""
+
+    @property
+    def stats(self) -> dict[str, Tensor]:
+        """The step's statistics: per-key means over its (equal-size) micro-batches, so a
+        load fraction here is the load fraction of the whole step's tokens."""
+        return {k: v / self.stats_count[k] for k, v in self.stats_sum.items()}
+
+
+class TrainStep:
+    """One optimizer step exactly as suites train: `grad_accum` micro-batches, each loss
+    (LM + router aux) divided by `grad_accum`, the warmup-stable-decay LR of
+    docs/protocol.md §5, gradient clipping, AdamW, then ONE `model.after_optimizer_step`
+    with the statistics of the whole step (all micro-batches; e.g. loss-free balancing's
+    bias moves on the step's loads). `train` uses it; `mor-bench bench-train` and
+    `evals.perf.train_speed.interleaved_train_speed` time it.
+
+    Calling it runs step `step` (0-based) on `micro`, a list of (x, y) tensors (moved to the
+    device inside, so the copy counts as part of the step); `timed` also returns the wall
+    time, synchronising CUDA before and after."""
+
+    def __init__(self, model: CausalLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig,
+                 *, total_steps: int, warmup_steps: int, device: torch.device) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.tcfg = tcfg
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.device = device
+
+    def lr(self, step: int) -> float:
+        return wsd_lr(step, peak_lr=self.tcfg.lr, total_steps=self.total_steps,
+                      warmup_steps=self.warmup_steps, decay_frac=self.tcfg.decay_frac)
+
+    def __call__(self, step: int, micro: list[tuple[Tensor, Tensor]]) -> StepResult:
+        tcfg, model, device = self.tcfg, self.model, self.device
+        if len(micro) != tcfg.grad_accum:
+            raise ValueError(f"a step takes grad_accum={tcfg.grad_accum} micro-batches, got "
+                             f"{len(micro)}")
+        lr = self.lr(step)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
+        use_autocast = device.type == "cuda"
         loss_sum = torch.zeros((), device=device)
+        stats_sum: dict[str, Tensor] = {}
+        stats_count: dict[str, int] = {}
         for x, y in micro:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
@@ -147,34 +187,75 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
             # independent of the accumulation count.
             (out.loss / tcfg.grad_accum).backward()
             loss_sum += out.lm_loss.detach()
+            for k, v in out.stats.items():
+                v = torch.as_tensor(v).detach().float().to(device)
+                stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
+                stats_count[k] = stats_count.get(k, 0) + 1
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.after_optimizer_step(out.stats)  # e.g. loss-free balancing's bias update
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - t0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        res = StepResult(step=step, lr=lr, loss=loss_sum / tcfg.grad_accum,
+                         stats_sum=stats_sum, stats_count=stats_count)
+        model.after_optimizer_step(res.stats)  # e.g. loss-free balancing's bias update
+        return res
+
+    def timed(self, step: int, micro: list[tuple[Tensor, Tensor]]) -> tuple[StepResult, float]:
+        """(the step's result, its wall time in seconds)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        res = self(step, micro)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return res, time.perf_counter() - t0
+
+
+def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
+          warmup_steps: int, device: torch.device,
+          on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Run `plan.steps` optimizer steps (`TrainStep`) over `batches` (an iterator of (x, y)
+    CPU tensors).
+
+    `on_step(step, loss, lr)` is called after every step (progress display).
+    `TrainResult.routing` is the mean of every routing statistic over ALL micro-batches of
+    all steps (each micro-batch weighted alike; they are equal-size)."""
+    model.to(device).train()
+    opt = make_optimizer(model, tcfg, device)
+    trainer = TrainStep(model, opt, tcfg, total_steps=plan.steps, warmup_steps=warmup_steps,
+                        device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    curve: list[dict] = []
+    routing_sums: dict[str, Tensor] = {}
+    routing_n: dict[str, int] = {}
+    train_time = 0.0
+    loss_val = math.nan
+    tokens = 0
+    for step in range(plan.steps):
+        micro = [next(batches) for _ in range(tcfg.grad_accum)]  # data loading is not timed
+        res, dt = trainer.timed(step, micro)
+        train_time += dt
         tokens += plan.tokens_per_step
+        for k, v in res.stats_sum.items():  # on the device: no sync per step
+            routing_sums[k] = routing_sums[k] + v if k in routing_sums else v
+            routing_n[k] = routing_n.get(k, 0) + res.stats_count[k]
         is_log = step % tcfg.log_every == 0 or step == plan.steps - 1
         if is_log or on_step is not None:
-            loss_val = (loss_sum / tcfg.grad_accum).item()
+            loss_val = res.loss.item()
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"training loss became {loss_val} at step {step}; "
                                          "lower the learning rate")
         if is_log:
-            curve.append({"step": step + 1, "tokens": tokens, "loss": loss_val, "lr": lr,
+            curve.append({"step": step + 1, "tokens": tokens, "loss": loss_val, "lr": res.lr,
                           "time_s": train_time})
-            for k, v in out.stats.items():
-                routing_sums[k] = routing_sums.get(k, 0.0) + float(v)
-            routing_n += 1
         if on_step is not None:
-            on_step(step, loss_val, lr)
+            on_step(step, loss_val, res.lr)
     peak, kind = peak_memory(device)
     return TrainResult(
         steps=plan.steps, tokens=tokens, train_time_s=train_time,
         tokens_per_s=tokens / train_time if train_time > 0 else math.nan,
         peak_mem_bytes=peak, peak_mem_kind=kind, final_train_loss=loss_val, loss_curve=curve,
-        routing={k: v / routing_n for k, v in routing_sums.items()} if routing_n else {},
+        routing={k: float(v / routing_n[k]) for k, v in routing_sums.items()},
     )
 
 

@@ -74,6 +74,16 @@ def test_bench_models_reports_every_model_against_vanilla(checkpoints) -> None:
         rows[("mor-2", "depth")]["kv_cache_bytes"] < rows[("vanilla", "sequence")]["kv_cache_bytes"]
 
 
+def test_bench_models_records_the_hardware(checkpoints) -> None:
+    models = load_models([checkpoints["vanilla"]])
+    hw = bench_models(models, InferSettings(**{**FAST, "samples": 2, "repeats": 1}))["hardware"]
+    assert "error" not in hw
+    assert hw["cpu"] and hw["cpu_count"] >= 1 and hw["platform"]
+    assert hw["torch"] == torch.__version__
+    assert hw["torch_threads"] == torch.get_num_threads()
+    assert ("cuda" in hw) and (hw["cuda"] is None) == (not torch.cuda.is_available())
+
+
 def test_max_batch_fills_the_vanilla_memory_budget(checkpoints) -> None:
     models = load_models(list(checkpoints.values()))
     s = InferSettings(**{**FAST, "batch_size": "max"}, reference_batch=4)
@@ -141,7 +151,7 @@ def test_suite_inference_phase_adds_infer_metrics(tmp_path) -> None:
 
     suite = parse_suite(MICRO_SUITE + "\n[infer]\nsamples = 4\ngen_mean = 6\ngen_std = 2\n"
                         "repeats = 1\nbatch_size = 2\nscheduler = \"both\"\n", source="t.toml")
-    run_dir, records, failed = run_suite(suite, tmp_path, log=lambda *a: None)
+    run_dir, records, failed = run_suite(suite, tmp_path)
     assert failed == []
     res = json.loads((run_dir / "infer.json").read_text())
     assert {r["model"] for r in res["rows"]} == {r["run_id"] for r in records}
