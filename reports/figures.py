@@ -14,7 +14,6 @@ with the Agg (PNG) and SVG backends, so nothing opens a window or touches global
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -29,11 +28,16 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from evals.data.synthetic import DIFFICULTY_CLASSES
-from evals.suite.depths import DEPTH_SAMPLE, check_depth_export
-from evals.suite.provenance import hardware_summary
-from evals.suite.record import load_records, write_json_atomic
-from reports.table import comparison_table, fewshot_scores
+from evals.suite.record import (
+    DEPTH_SAMPLE,
+    check_depth_export,
+    hardware_summary,
+    load_records,
+    read_json,
+    write_json_atomic,
+)
+from reports.frame import FAMILY_ORDER, budget_label, fewshot_scores, get, metric, num
+from reports.table import comparison_table
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,6 @@ HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
 FAMILY_LINESTYLE = {"vanilla": "-", "recursive": "--", "mor": "-."}
 MODE_LINESTYLE = {"topk": "-", "causal": "--", "token": ":"}
 DEPTH_CMAP = "cividis"  # sequential, perceptually uniform, colour-blind safe
-_FAMILY_ORDER = {"vanilla": 0, "recursive": 1, "mor": 2}
 _RC = {"font.size": 9, "axes.titlesize": 10, "axes.grid": True, "grid.color": "#dddddd",
        "grid.linewidth": 0.6, "axes.axisbelow": True, "legend.fontsize": 8,
        "svg.hashsalt": "mor-bench", "hatch.linewidth": 0.8}
@@ -79,29 +82,6 @@ class Style:
 # record access and shared context
 
 
-def _num(value: Any) -> float | None:
-    """A finite number, else None (missing stays missing, never 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _get(rec: dict[str, Any], *path: str) -> Any:
-    value: Any = rec
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _metric(rec: dict[str, Any], *path: str) -> float | None:
-    return _num(_get(rec, "metrics", *path))
-
-
-def _budget_label(rec: dict[str, Any]) -> str:
-    b = rec.get("budget") or {}
-    return f"{b.get('value', float('nan')):.3g} {b.get('kind', '')}".strip()
-
-
 def _mode_label(mode: str | None) -> str:
     return {"topk": "top-k (non-causal)", "causal": "causal", "token": "token-choice"}.get(
         str(mode), str(mode))
@@ -122,18 +102,18 @@ class _Ctx:
         self.suite = str((records[0].get("suite") or {}).get("name", "?")) if records else "?"
         hws = []
         for r in self.ok:
-            hw = _get(r, "provenance", "hardware")
+            hw = get(r, "provenance", "hardware")
             s = hardware_summary(hw) if isinstance(hw, dict) else None
             if s and s not in hws:
                 hws.append(s)
         self.hardware = "; ".join(hws) or "unknown"
         models = sorted({(r["model_name"], r.get("family", "")) for r in self.ok},
-                        key=lambda m: (_FAMILY_ORDER.get(m[1], 9), _nr(self.ok, m[0]), m[0]))
+                        key=lambda m: (FAMILY_ORDER.get(m[1], 9), _nr(self.ok, m[0]), m[0]))
         self.models = [m for m, _ in models]
         self.styles = {m: Style(OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)],
                                 HATCHES[i % len(HATCHES)], FAMILY_LINESTYLE.get(fam, ":"))
                        for i, (m, fam) in enumerate(models)}
-        self.multi_budget = len({_budget_label(r) for r in self.ok}) > 1
+        self.multi_budget = len({budget_label(r) for r in self.ok}) > 1
 
     def groups(self, recs: list[dict[str, Any]] | None = None
                ) -> list[tuple[str, str, list[dict[str, Any]]]]:
@@ -143,7 +123,7 @@ class _Ctx:
                         key=lambda r: (self.models.index(r["model_name"]),
                                        float((r.get("budget") or {}).get("value", 0)),
                                        r.get("seed", 0))):
-            out.setdefault((r["model_name"], _budget_label(r)), []).append(r)
+            out.setdefault((r["model_name"], budget_label(r)), []).append(r)
         return [(m, b, rs) for (m, b), rs in out.items()]
 
     def label(self, model: str, budget: str, sep: str = " @ ") -> str:
@@ -180,7 +160,7 @@ class _Ctx:
 def _nr(records: list[dict[str, Any]], model: str) -> int:
     for r in records:
         if r["model_name"] == model:
-            return int(_get(r, "config", "num_recursions") or 0) if r.get("family") != \
+            return int(get(r, "config", "num_recursions") or 0) if r.get("family") != \
                 "vanilla" else 0
     return 0
 
@@ -220,7 +200,7 @@ def _build_isoflop(ctx: _Ctx) -> Built:
         for m, _budget, rs in ctx.groups():
             if m != model:
                 continue
-            pts = [(_metric(r, "flops_used"), _metric(r, "val_nll")) for r in rs]
+            pts = [(metric(r, "flops_used"), metric(r, "val_nll")) for r in rs]
             pts = [(x, y) for x, y in pts if x is not None and y is not None]
             if not pts:
                 continue
@@ -273,7 +253,7 @@ def _build_isoflop(ctx: _Ctx) -> Built:
 def _curve(rec: dict[str, Any]) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for pt in rec.get("loss_curve") or []:
-        x, y = _num(_get(pt, "tokens")), _num(_get(pt, "loss"))
+        x, y = num(get(pt, "tokens")), num(get(pt, "loss"))
         if x is not None and y is not None:
             xs.append(x)
             ys.append(y)
@@ -336,7 +316,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
 
 def _build_fewshot_throughput(ctx: _Ctx) -> Built:
     _skip_if_none(ctx.ok)
-    if not any(_metric(r, "infer", "tokens_per_s") is not None for r in ctx.ok):
+    if not any(metric(r, "infer", "tokens_per_s") is not None for r in ctx.ok):
         raise FigureSkipped("no run records metrics.infer.tokens_per_s (the inference "
                             "benchmark did not run)")
     if not any("fewshot_avg" in fewshot_scores(r) for r in ctx.ok):
@@ -345,7 +325,7 @@ def _build_fewshot_throughput(ctx: _Ctx) -> Built:
     pts, labels, styles, models, data, missing = [], [], [], [], {}, []
     modes_fs, modes_inf = set(), set()
     for model, budget, rs in ctx.groups():
-        pairs = [(_metric(r, "infer", "tokens_per_s"), fewshot_scores(r).get("fewshot_avg"))
+        pairs = [(metric(r, "infer", "tokens_per_s"), fewshot_scores(r).get("fewshot_avg"))
                  for r in rs]
         keep = [(x, y) for x, y in pairs if x is not None and y is not None]
         if not keep:
@@ -355,9 +335,9 @@ def _build_fewshot_throughput(ctx: _Ctx) -> Built:
             if r.get("family") == "mor":
                 tok = r.get("router") == "token"
                 modes_fs.add(_mode_label("token" if tok else
-                                         _get(r, "metrics", "fewshot", "routing")))
+                                         get(r, "metrics", "fewshot", "routing")))
                 modes_inf.add(_mode_label("token" if tok else
-                                          _get(r, "metrics", "infer", "routing")))
+                                          get(r, "metrics", "infer", "routing")))
         x, y = _mean_sd([x for x, _ in keep])[0], 100 * _mean_sd([y for _, y in keep])[0]
         pts.append((x, y))
         labels.append(ctx.label(model, budget))
@@ -414,7 +394,7 @@ def _build_relative_cost(ctx: _Ctx) -> Built:
     routing = "training uses top-k (expert-choice) / the router's depth (token-choice)"
     labels, values, missing = [], {m: [] for m, *_ in metrics}, []
     for _, row in rows.iterrows():
-        vals = {m: _num(row[m]) for m, *_ in metrics}
+        vals = {m: num(row[m]) for m, *_ in metrics}
         label = ctx.label(row["model"], row["budget"], "\n")
         if all(v is None for v in vals.values()):
             missing.append(label)
@@ -446,8 +426,8 @@ def _build_relative_cost(ctx: _Ctx) -> Built:
     ax.set_ylabel("ratio to vanilla of the same budget")
     ax.set_ylim(0, max(v for vs in values.values() for v in vs if v is not None) * 1.18)
     _legend(ax, loc="upper left", ncols=3)
-    kinds = sorted({str(_get(r, "metrics", "peak_mem_kind")) for r in ctx.ok
-                    if _get(r, "metrics", "peak_mem_kind")})
+    kinds = sorted({str(get(r, "metrics", "peak_mem_kind")) for r in ctx.ok
+                    if get(r, "metrics", "peak_mem_kind")})
     notes = ["Mean over seeds; 'n/a' marks a metric a run did not record (no bar)",
              f"Peak memory is {', '.join(kinds) or 'of unknown kind'}"]
     caption = ctx.caption("Training wall time and peak memory of each model as a ratio to "
@@ -469,22 +449,13 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _analytic_kv(rec: dict[str, Any]) -> tuple[float, int] | None:
-    """(bytes for one sequence, sequence length) from mor.flops.kv_cache_bytes, or None."""
-    from mor import flops
-    from mor.config import ModelConfig
-    from mor.errors import MorBenchError
-
-    cfg_dict = rec.get("config")
-    seq_len = _num(_get(rec, "data", "seq_len")) or _num(_get(rec, "config", "max_seq_len"))
-    if not isinstance(cfg_dict, dict):
+    """(bytes for one sequence, sequence length) from the record's analytic `kv_cache`
+    (docs/records.md), or None when the record has none."""
+    nbytes, seq = num(get(rec, "kv_cache", "bytes_per_seq")), num(get(rec, "kv_cache",
+                                                                      "seq_len"))
+    if nbytes is None or seq is None:
         return None
-    try:
-        cfg = ModelConfig.from_dict(cfg_dict)
-    except (MorBenchError, TypeError, ValueError) as e:
-        log.info("run %s: cannot rebuild its ModelConfig (%s)", rec.get("run_id"), e)
-        return None
-    seq = int(seq_len) if seq_len else cfg.max_seq_len
-    return float(flops.kv_cache_bytes(cfg, seq, batch_size=1)), seq
+    return nbytes, int(seq)
 
 
 def _build_kv_cache(ctx: _Ctx) -> Built:
@@ -495,7 +466,7 @@ def _build_kv_cache(ctx: _Ctx) -> Built:
         rs = [r for r in ctx.ok if r["model_name"] == model]
         measured = []
         for r in rs:
-            b, bs = _metric(r, "infer", "kv_cache_bytes"), _metric(r, "infer", "batch_size")
+            b, bs = metric(r, "infer", "kv_cache_bytes"), metric(r, "infer", "batch_size")
             if b is not None:
                 measured.append(b / bs if bs else b)
                 batch_sizes.add(int(bs) if bs else None)
@@ -514,8 +485,8 @@ def _build_kv_cache(ctx: _Ctx) -> Built:
         styles.append(ctx.styles[model])
         data[model] = {"bytes": value, "kind": kind}
     if not labels:
-        raise FigureSkipped("no run records metrics.infer.kv_cache_bytes or a model config "
-                            "to compute it from")
+        raise FigureSkipped("no run records metrics.infer.kv_cache_bytes or an analytic "
+                            "kv_cache")
     routing = ctx.mor_routing()
     fig = ctx.figure("KV-cache memory per sequence", routing,
                      figsize=(max(6.0, 0.95 * len(labels) + 2.5), 4.4))
@@ -538,7 +509,7 @@ def _build_kv_cache(ctx: _Ctx) -> Built:
     ax.set_ylim(0, max(vals) / scale * 1.3)
     handles = [Patch(facecolor="grey", edgecolor="grey", label="measured (metrics.infer)"),
                Patch(facecolor="white", edgecolor="grey", hatch="///",
-                     label="analytic (mor.flops.kv_cache_bytes)")]
+                     label="analytic (record kv_cache)")]
     ax.legend(handles=[h for h, k in zip(handles, ("measured", "analytic")) if k in kinds],
               frameon=False, loc="upper right")
     notes = []
@@ -546,11 +517,11 @@ def _build_kv_cache(ctx: _Ctx) -> Built:
         notes.append("Measured: metrics.infer.kv_cache_bytes divided by the inference batch "
                      f"size ({', '.join(str(b) for b in sorted(batch_sizes, key=str))})")
     if "analytic" in kinds:
-        notes.append("Analytic (hatched): mor.flops.kv_cache_bytes of the run's config, one "
-                     f"sequence of {', '.join(map(str, sorted(seqs)))} tokens, bf16, default "
-                     "capacities")
+        notes.append("Analytic (hatched): the record's kv_cache, computed from the run's "
+                     f"config for one sequence of {', '.join(map(str, sorted(seqs)))} tokens, "
+                     "bf16, default capacities")
     caption = ctx.caption("Key/value cache memory per model", routing,
-                          notes + _missing_note("KV-cache size or config", missing))
+                          notes + _missing_note("KV-cache size", missing))
     return Built(fig, caption, "KV-cache memory per model", data)
 
 
@@ -571,7 +542,7 @@ def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     keys = list(dict.fromkeys(k for d in dicts for k in d))
     out = {}
     for k in keys:
-        vals = [v for d in dicts if (v := _num(d.get(k))) is not None]
+        vals = [v for d in dicts if (v := num(d.get(k))) is not None]
         if vals:
             out[k] = float(np.mean(vals))
     return out
@@ -591,21 +562,21 @@ def _build_depth_by_step(ctx: _Ctx) -> Built:
         raise FigureSkipped("no MoR runs")
     shares, selected, missing = [], [], []
     for model, budget, rs in groups:
-        modes = list(dict.fromkeys(m for r in rs for m in (_get(r, "metrics", "depth_by_mode")
+        modes = list(dict.fromkeys(m for r in rs for m in (get(r, "metrics", "depth_by_mode")
                                                            or {})))
-        modes += [m for r in rs for m in (_get(r, "metrics", "val_routing_by_mode") or {})
+        modes += [m for r in rs for m in (get(r, "metrics", "val_routing_by_mode") or {})
                   if m not in modes]
         found = False
         for mode in modes:
             key = "token" if rs[0].get("router") == "token" else mode
             label = f"{ctx.label(model, budget)} | {_mode_label(key)}"
-            ds = [d for r in rs if isinstance(d := _get(r, "metrics", "depth_by_mode", mode,
+            ds = [d for r in rs if isinstance(d := get(r, "metrics", "depth_by_mode", mode,
                                                         "depth_share"), dict)]
             if ds:
                 shares.append((label, model, _mean_dicts(ds)))
                 found = True
             sel = [{k.split("/r")[1]: v for k, v in d.items() if k.startswith("selected_frac/r")}
-                   for r in rs if isinstance(d := _get(r, "metrics", "val_routing_by_mode",
+                   for r in rs if isinstance(d := get(r, "metrics", "val_routing_by_mode",
                                                        mode), dict)]
             sel = _mean_dicts([s for s in sel if s])
             if sel:
@@ -692,26 +663,29 @@ def _build_depth_by_class(ctx: _Ctx) -> Built:
     series, missing = [], []
     for model, budget, rs in groups:
         mode = _routing_key(rs[0]) if rs[0].get("router") != "token" else "causal"
-        classes = [c for r in rs if isinstance(c := _get(r, "metrics", "depth_by_mode", mode,
+        classes = [c for r in rs if isinstance(c := get(r, "metrics", "depth_by_mode", mode,
                                                          "by_class"), dict)]
         if not classes:  # older records: the one mode there is
-            modes = _get(rs[0], "metrics", "depth_by_mode") or {}
+            modes = get(rs[0], "metrics", "depth_by_mode") or {}
             mode = next(iter(modes), mode)
-            classes = [c for r in rs if isinstance(c := _get(r, "metrics", "depth_by_mode",
+            classes = [c for r in rs if isinstance(c := get(r, "metrics", "depth_by_mode",
                                                              mode, "by_class"), dict)]
-        means = _mean_dicts([{k: _get(v, "mean_depth") for k, v in c.items()} for c in classes])
-        tokens = _mean_dicts([{k: _get(v, "tokens") for k, v in c.items()} for c in classes])
+        means = _mean_dicts([{k: get(v, "mean_depth") for k, v in c.items()} for c in classes])
+        tokens = _mean_dicts([{k: get(v, "tokens") for k, v in c.items()} for c in classes])
         if not means:
             missing.append(ctx.label(model, budget))
             continue
         key = "token" if rs[0].get("router") == "token" else mode
-        nr = int(_get(rs[0], "config", "num_recursions") or 0)
+        nr = int(get(rs[0], "config", "num_recursions") or 0)
         series.append((f"{ctx.label(model, budget)} ({_mode_label(key)})", model, key, means,
                        tokens, nr))
     if not series:
         raise FigureSkipped("no MoR run records depth by difficulty class "
                             "(metrics.depth_by_mode[mode].by_class: synthetic corpus only)")
-    names = [c for c in DIFFICULTY_CLASSES if any(c in s[3] for s in series)]
+    # The corpus's class order (record data.difficulty_classes), then any other class.
+    order = list(dict.fromkeys(c for r in ctx.ok for c in get(r, "data", "difficulty_classes")
+                               or [] if isinstance(c, str)))
+    names = [c for c in order if any(c in s[3] for s in series)]
     names += sorted({c for s in series for c in s[3]} - set(names))
     routing = "; ".join(dict.fromkeys(_mode_label(s[2]) for s in series))
     fig = ctx.figure("Mean recursion depth by token difficulty (MoR)", routing,
@@ -738,8 +712,8 @@ def _build_depth_by_class(ctx: _Ctx) -> Built:
     ax.set_xlabel("token difficulty class (synthetic corpus)")
     _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     caption = ctx.caption("Mean recursion depth of validation tokens by difficulty class "
-                          "(evals.data.synthetic classes: filler prose is easy; arithmetic, recall "
-                          "and tracking answers are hard), each MoR model under its own "
+                          "(the synthetic corpus's classes: filler prose is easy; arithmetic, "
+                          "recall and tracking answers are hard), each MoR model under its own "
                           "evaluation routing, mean over seeds; dotted line: N_r", routing,
                           _missing_note("depth by class", missing))
     return Built(fig, caption, "Mean depth by token difficulty", data)
@@ -765,9 +739,9 @@ def _find_depth_samples(ctx: _Ctx) -> list[tuple[dict[str, Any], dict[str, Any]]
             for p in paths if sample is None else []:
                 if p.is_file():
                     try:
-                        sample = json.loads(p.read_text())
+                        sample = read_json(p)
                         check_depth_export(sample, where=str(p))
-                    except (ValueError, OSError) as e:
+                    except ValueError as e:  # RecordError: not JSON, or not a depth export
                         log.warning("ignoring %s: %s", p, e)
                         sample = None
                         continue
@@ -814,7 +788,8 @@ def _build_depth_map(ctx: _Ctx, width: int = 56, max_samples: int = 4) -> Built:
         raise FigureSkipped("no MoR runs")
     samples = _find_depth_samples(ctx)[:max_samples]
     if not samples:
-        raise FigureSkipped(f"no MoR run has a {DEPTH_SAMPLE} (evals.suite.depths.depth_export)")
+        raise FigureSkipped(f"no MoR run has a {DEPTH_SAMPLE} (`mor-bench route`, "
+                            "docs/records.md)")
     layouts = [_layout(s["tokens"], width) for _, s in samples]
     rows = [max(r for r, _, _ in lay) + 1 for lay in layouts]
     nr = max(int(s["num_recursions"]) for _, s in samples)
@@ -927,44 +902,10 @@ def plot_figure(name: str, records: list[dict[str, Any]], out_dir: str | Path,
     return save_figure(built, out_dir, name)
 
 
-def plot_isoflop(records: list[dict[str, Any]], out_dir: str | Path) -> dict[str, str] | None:
-    """1. Validation NLL vs training FLOPs per model (mean +/- s.d. over seeds)."""
-    return plot_figure("isoflop", records, out_dir)
-
-
-def plot_loss_curves(records: list[dict[str, Any]], out_dir: str | Path
-                     ) -> dict[str, str] | None:
-    """2. Training loss vs tokens, one line per run, one panel per budget."""
-    return plot_figure("loss_curves", records, out_dir)
-
-
 def plot_fewshot_throughput(records: list[dict[str, Any]], out_dir: str | Path
                             ) -> dict[str, str] | None:
     """3. Few-shot average vs inference tokens/s, with the Pareto frontier."""
     return plot_figure("fewshot_throughput", records, out_dir)
-
-
-def plot_relative_cost(records: list[dict[str, Any]], out_dir: str | Path
-                       ) -> dict[str, str] | None:
-    """4. Training time and peak memory relative to vanilla of the same budget."""
-    return plot_figure("relative_cost", records, out_dir)
-
-
-def plot_kv_cache(records: list[dict[str, Any]], out_dir: str | Path) -> dict[str, str] | None:
-    """5. KV-cache bytes per sequence per model, measured or analytic (labelled)."""
-    return plot_figure("kv_cache", records, out_dir)
-
-
-def plot_depth_by_step(records: list[dict[str, Any]], out_dir: str | Path
-                       ) -> dict[str, str] | None:
-    """6. MoR depth shares and per-step selected fractions, per routing mode."""
-    return plot_figure("depth_by_step", records, out_dir)
-
-
-def plot_depth_by_class(records: list[dict[str, Any]], out_dir: str | Path
-                        ) -> dict[str, str] | None:
-    """7. MoR mean depth per token difficulty class (synthetic corpus)."""
-    return plot_figure("depth_by_class", records, out_dir)
 
 
 def plot_depth_map(records: list[dict[str, Any]], out_dir: str | Path,
@@ -993,10 +934,6 @@ def render_figures(run_dir: str | Path, records: list[dict[str, Any]] | None = N
         except FigureSkipped as e:
             log.info("figure %s skipped: %s", name, e)
             skipped[name] = str(e)
-            continue
-        except Exception as e:  # one broken figure must not cost the others
-            log.exception("figure %s failed", name)
-            skipped[name] = f"error: {type(e).__name__}: {e}"
             continue
         figures[name] = save_figure(built, out, name)
     manifest = {"schema": MANIFEST_SCHEMA, "dir": str(out), "suite": ctx.suite,

@@ -7,13 +7,18 @@ with its own direction and tolerance.
 What is compared, per model (seeds averaged, as in the report table):
 
 * `val_nll`, `val_nll_causal`: may not rise by more than an absolute tolerance.
-* `rel_tokens_per_s`: training tokens/s divided by the vanilla model's of the same budget
-  IN THE SAME RUN -- a ratio, so the speed of the machine cancels -- may not fall by more
-  than a relative tolerance. Absolute times and tokens/s are never compared.
+* `speed_rel_tokens_per_s`: training tokens/s relative to the suite's vanilla model,
+  measured INTERLEAVED (`metrics.speed.rel_tokens_per_s`: the runs' training steps timed in
+  alternating rounds in one process after all runs trained) -- a ratio under one machine
+  state, so the speed of the machine cancels -- may not fall by more than a relative
+  tolerance. The per-run `metrics.tokens_per_s`, timed sequentially minutes apart, is not
+  judged; absolute times and tokens/s are never compared.
 * `infer_rel_tokens_per_s`: the inference phase's tokens/s relative to vanilla
   (`metrics.infer.rel_tokens_per_s`), when the suite measures inference; likewise.
-* `fs:<task>`: few-shot accuracy under the paper's metric, judged with its standard error:
-  a drop fails only beyond k * sqrt(se_run^2 + se_base^2) (and at least `min_tol`).
+* `fs:<task>`: few-shot accuracy under the paper's metric, for the tasks the report table
+  shows (`reports.frame.fewshot_tasks`: tasks, an MMLU group as one benchmark), judged
+  with its standard error: a drop fails only beyond k * sqrt(se_run^2 + se_base^2) (and
+  at least `min_tol`).
 
 A model or metric in the baseline but absent from the run fails (a run that crashed, a
 measurement that disappeared); one only in the run is reported as new and passes.
@@ -26,9 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from evals.suite.provenance import hardware_summary
-from evals.suite.record import load_records, write_json_atomic
-from mor.errors import MorBenchError
+from evals.suite.record import hardware_summary, load_records, write_json_atomic
+from reports.frame import ReportError, fewshot_seed_mean, group_runs, num
+from reports.frame import metric as metric_of
 
 SCHEMA = "mor-bench/baseline/v1"
 
@@ -41,16 +46,19 @@ DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
     "val_nll_causal": {
         "direction": "lower", "kind": "abs", "tol": 0.05,
         "doc": "expert-choice MoR's validation NLL under causal routing; as val_nll."},
-    "rel_tokens_per_s": {
+    "speed_rel_tokens_per_s": {
         "direction": "higher", "kind": "rel", "tol": 0.25,
-        "doc": "training tokens/s relative to the vanilla model of the same budget in the "
-               "same run may fall by at most `tol` (a fraction). A ratio, so the machine's "
-               "speed cancels; what remains is timing noise of shared CPUs (10-15% between "
-               "runs on 2 cores), hence 25%."},
+        "doc": "training tokens/s relative to the suite's vanilla model, measured "
+               "interleaved (metrics.speed.rel_tokens_per_s: alternating rounds in one "
+               "process), may fall by at most `tol` (a fraction). A ratio under one machine "
+               "state, so the machine's speed cancels; what remains is timing noise of "
+               "shared CPUs (10-15% on 2 cores), hence 25%. Sequential per-run tokens/s are "
+               "not judged."},
     "infer_rel_tokens_per_s": {
         "direction": "higher", "kind": "rel", "tol": 0.25,
-        "doc": "inference tokens/s relative to vanilla (metrics.infer.rel_tokens_per_s), "
-               "when the suite measures inference; as rel_tokens_per_s."},
+        "doc": "inference tokens/s relative to vanilla (metrics.infer.rel_tokens_per_s, "
+               "also interleaved), when the suite measures inference; as "
+               "speed_rel_tokens_per_s."},
     "fewshot": {
         "direction": "higher", "kind": "stderr", "k": 2.0, "min_tol": 0.02,
         "doc": "few-shot accuracy per task (fs:<task>, the paper's metric) may fall by at "
@@ -66,70 +74,18 @@ REFRESH = ("mor-bench run {suite} --out runs && mor-bench check runs/{suite}-lat
 # what a run measured
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _get(rec: dict[str, Any], *path: str) -> float | None:
-    value: Any = rec.get("metrics") or {}
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return _num(value)
-
-
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-def _fewshot(recs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{"fs:<task>": {"value", "stderr", "n"}} over leaf tasks (groups are sums of them),
-    averaged over seeds; the stderr is that of the mean."""
-    from reports.table import task_metric
-
-    per_task: dict[str, list[tuple[float, float, float]]] = {}
-    for rec in recs:
-        tasks = (((rec.get("metrics") or {}).get("fewshot") or {}).get("tasks")) or {}
-        for task, res in tasks.items():
-            if res.get("subtasks"):
-                continue
-            metric = task_metric(task)
-            value = _num((res.get("metrics") or {}).get(metric))
-            if value is None:
-                continue
-            se = _num((res.get("stderr") or {}).get(metric)) or 0.0
-            per_task.setdefault(task, []).append((value, se, float(res.get("n") or 0)))
-    out = {}
-    for task, vals in sorted(per_task.items()):
-        k = len(vals)
-        out[f"fs:{task}"] = {"value": sum(v for v, _, _ in vals) / k,
-                             "stderr": math.sqrt(sum(se * se for _, se, _ in vals)) / k,
-                             "n": sum(n for _, _, n in vals)}
-    return out
-
-
-def _budget(rec: dict[str, Any]) -> str:
-    b = rec.get("budget") or {}
-    return f"{float(b.get('value', math.nan)):.6g} {b.get('kind', '?')}"
-
-
 def run_metrics(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{model: {"status", "family", "budget", "seeds", "metrics": {name: value}}} for every
     model of a run; a model trained under several budgets is keyed "model @ budget"."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rec in records:
-        groups.setdefault((rec.get("model_name") or rec.get("run_id", "?"), _budget(rec)),
-                          []).append(rec)
+    groups = group_runs(records)
     budgets_of: dict[str, set[str]] = {}
     for name, budget in groups:
         budgets_of.setdefault(name, set()).add(budget)
-    vanilla_tps: dict[str, float | None] = {}
-    for (_, budget), recs in groups.items():
-        ok = [r for r in recs if r.get("status") == "ok"]
-        if ok and ok[0].get("family") == "vanilla" and budget not in vanilla_tps:
-            vanilla_tps[budget] = _mean([_get(r, "tokens_per_s") for r in ok])
     out: dict[str, dict[str, Any]] = {}
     for (name, budget), recs in groups.items():
         key = name if len(budgets_of[name]) == 1 else f"{name} @ {budget}"
@@ -142,15 +98,15 @@ def run_metrics(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                if r.get("status") != "ok"]
         metrics: dict[str, Any] = {}
         if ok:
-            metrics["val_nll"] = _mean([_get(r, "val_nll") for r in ok])
-            metrics["val_nll_causal"] = _mean([_get(r, "val_nll_by_routing", "causal")
+            metrics["val_nll"] = _mean([metric_of(r, "val_nll") for r in ok])
+            metrics["val_nll_causal"] = _mean([metric_of(r, "val_nll_by_routing", "causal")
                                                for r in ok])
             if entry["family"] != "vanilla":
-                tps, base = _mean([_get(r, "tokens_per_s") for r in ok]), vanilla_tps.get(budget)
-                metrics["rel_tokens_per_s"] = tps / base if tps and base else None
+                metrics["speed_rel_tokens_per_s"] = _mean(
+                    [metric_of(r, "speed", "rel_tokens_per_s") for r in ok])
                 metrics["infer_rel_tokens_per_s"] = _mean(
-                    [_get(r, "infer", "rel_tokens_per_s") for r in ok])
-            metrics.update(_fewshot(ok))
+                    [metric_of(r, "infer", "rel_tokens_per_s") for r in ok])
+            metrics.update(fewshot_seed_mean(ok))
         entry["metrics"] = {k: v for k, v in metrics.items() if v is not None}
         out[key] = entry
     return out
@@ -168,7 +124,7 @@ def make_baseline(run_dir: str | Path, records: list[dict[str, Any]] | None = No
     records = load_records(run_dir) if records is None else records
     failed = [r.get("run_id") for r in records if r.get("status") != "ok"]
     if failed:
-        raise MorBenchError(f"{len(failed)} run(s) of '{run_dir}' failed ({', '.join(failed)}); "
+        raise ReportError(f"{len(failed)} run(s) of '{run_dir}' failed ({', '.join(failed)}); "
                             "a baseline must come from a run where every model trained")
     suite = records[0].get("suite") or {}
     prov = records[0].get("provenance") or {}
@@ -198,25 +154,26 @@ def make_baseline(run_dir: str | Path, records: list[dict[str, Any]] | None = No
 
 
 def load_baseline(path: str | Path, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Read and check a baseline file; ReportError saying how to create it otherwise."""
     import json
 
     path = Path(path)
     hint = (f"create it from a run with `mor-bench check {run_dir or 'RUN_DIR'} --baseline "
             f"{path} --update`")
     if not path.is_file():
-        raise MorBenchError(f"baseline '{path}' does not exist; {hint}")
+        raise ReportError(f"baseline '{path}' does not exist; {hint}")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MorBenchError(f"baseline '{path}' is not valid JSON ({e}); fix it or {hint}") \
+        raise ReportError(f"baseline '{path}' is not valid JSON ({e}); fix it or {hint}") \
             from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise MorBenchError(f"baseline '{path}' is not a mor-bench baseline (schema {got!r}, "
+        raise ReportError(f"baseline '{path}' is not a mor-bench baseline (schema {got!r}, "
                             f"expected {SCHEMA!r}); {hint}")
     for key in ("models", "tolerances"):
         if not isinstance(doc.get(key), dict):
-            raise MorBenchError(f"baseline '{path}' has no '{key}' table; {hint}")
+            raise ReportError(f"baseline '{path}' has no '{key}' table; {hint}")
     return doc
 
 
@@ -249,13 +206,13 @@ def _tolerance(tolerances: dict[str, dict[str, Any]], metric: str) -> dict[str, 
         return DEFAULT_TOLERANCES["fewshot"]
     if metric in DEFAULT_TOLERANCES:
         return DEFAULT_TOLERANCES[metric]
-    raise MorBenchError(f"no tolerance for metric '{metric}' in the baseline or defaults")
+    raise ReportError(f"no tolerance for metric '{metric}' in the baseline or defaults")
 
 
 def _value(v: Any) -> tuple[float | None, float | None]:
     if isinstance(v, dict):
-        return _num(v.get("value")), _num(v.get("stderr"))
-    return _num(v), None
+        return num(v.get("value")), num(v.get("stderr"))
+    return num(v), None
 
 
 def judge(metric: str, base: Any, now: Any, tol: dict[str, Any]) -> dict[str, Any]:
@@ -286,7 +243,7 @@ def judge(metric: str, base: Any, now: Any, tol: dict[str, Any]) -> dict[str, An
         shown = f"{'-' if better == 'higher' else '+'}{100 * allowed:.1f} pts ({k:g} se)"
         delta_s = f"{100 * delta:+.1f} pts"
     else:
-        raise MorBenchError(f"tolerance of '{metric}': unknown kind {kind!r} "
+        raise ReportError(f"tolerance of '{metric}': unknown kind {kind!r} "
                             "(abs, rel or stderr)")
     verdict = "regression" if worse > allowed else "improved" if gain > allowed else "ok"
     return {"delta_value": delta, "delta_str": delta_s, "allowed": allowed,
@@ -299,13 +256,14 @@ def _fmt_value(metric: str, v: Any) -> str:
         return "-"
     if metric.startswith("fs:"):
         return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
-    if metric.startswith(("rel_", "infer_rel_")):
+    if metric.startswith(("rel_", "infer_rel_", "speed_rel_")):
         return f"{value:.3f}x"
     return f"{value:.4f}"
 
 
 _FAMILY_ORDER = {"vanilla": 0, "recursive": 1, "mor": 2}
-_METRIC_ORDER = ("val_nll", "val_nll_causal", "rel_tokens_per_s", "infer_rel_tokens_per_s")
+_METRIC_ORDER = ("val_nll", "val_nll_causal", "speed_rel_tokens_per_s",
+                 "infer_rel_tokens_per_s")
 
 
 def _metric_order(metric: str) -> tuple[int, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 import re
 import shutil
@@ -27,17 +26,20 @@ from typing import Any
 
 import pandas as pd
 
-from evals.suite.provenance import hardware_summary
-from evals.suite.record import load_records
-from mor.errors import MorBenchError
+from evals.suite.record import hardware_summary, load_records
+from reports import table as table_mod
+from reports.figures import render_figures
+from reports.frame import ReportError, num
+from reports.paper import PAPER_NOTE, SIGNIFICANCE_NOTE, paper_layout, paper_view
+from reports.stats import significance_vs_vanilla
 
 INDEX = "index.html"
 SCREENSHOT = "report.png"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # The columns of the compact table at the top of the page (all columns follow it).
 HEADLINE = ("model", "layers", "budget", "seeds", "tokens", "val_nll", "val_nll_causal",
-            "rel_val_nll", "fewshot_avg", "tokens_per_s", "rel_tokens_per_s", "peak_mem_mb",
-            "rel_peak_mem")
+            "rel_val_nll", "fewshot_avg", "tokens_per_s", "rel_tokens_per_s",
+            "speed_rel_tokens_per_s", "peak_mem_mb", "rel_peak_mem")
 NO_BROWSER = ("no Chromium/Chrome on PATH (looked for " + ", ".join(BROWSERS) + "); install "
               "one, e.g. `apt-get install chromium`")
 
@@ -52,16 +54,10 @@ def _tables(run_dir: Path, records: list[dict[str, Any]],
     significance marks, every column, the significance tests and the paper reference view.
     `report`: what `reports.table.render_report` returned (else computed here, nothing
     written)."""
-    from reports import table as table_mod
-
     if report is None:
-        from reports.paper import paper_view
-        from reports.stats import significance_vs_vanilla
-
         table = table_mod.comparison_table(records)
         tests = significance_vs_vanilla(records, run_dir)
-        report = {"table": table, "tests": tests,
-                  "layout": table_mod.paper_layout(table, tests),
+        report = {"table": table, "tests": tests, "layout": paper_layout(table, tests),
                   "paper_view": paper_view(table)}
     table = report["table"]
     shown = table_mod.format_table(table[[c for c in table.columns
@@ -99,8 +95,6 @@ def _figures(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Render the figures (reports.figures); returns {"figures": {name: {"png", "svg",
     "caption", "title"}} with paths resolved to files that exist, "skipped": {name:
     reason}}."""
-    from reports.figures import render_figures
-
     manifest = render_figures(run_dir, records=records) or {}
     fig_dir = Path(manifest.get("dir") or run_dir / "figures")
     figures = {}
@@ -233,7 +227,8 @@ def _infer_html(records: list[dict[str, Any]]) -> str | None:
 
 
 def _fmt(value: Any, fmt) -> str:
-    if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+    value = num(value)
+    if value is None:
         return "-"
     return fmt(value) if callable(fmt) else fmt.format(value)
 
@@ -295,9 +290,6 @@ def render_html(run_dir: str | Path, *, records: list[dict[str, Any]] | None = N
     """Write RUN_DIR/index.html: tables, figures (embedded), provenance. `figures`: what
     `_figures` returns and `report`: what `reports.table.render_report` returns
     (`build_report` passes both); None computes them here."""
-    from reports import table as table_mod
-    from reports.paper import PAPER_NOTE
-
     run_dir = Path(run_dir)
     records = load_records(run_dir) if records is None else records
     if figures is None:
@@ -323,7 +315,7 @@ def render_html(run_dir: str | Path, *, records: list[dict[str, Any]] | None = N
     if tables["layout"]:
         sections += ['<h3 id="table3">As the paper\'s Table 3</h3>',
                      '<p class="note">Accuracies in %; Time, Mem and Tok/s (training) '
-                     "relative to vanilla. " + _md_inline(table_mod.SIGNIFICANCE_NOTE) + "</p>",
+                     "relative to vanilla. " + _md_inline(SIGNIFICANCE_NOTE) + "</p>",
                      tables["layout"]]
     sections += ['<h2 id="figures">Figures</h2>', figs_html, '<h2 id="details">Details</h2>']
     if tables["tests"]:
@@ -386,10 +378,8 @@ def build_report(run_dir: str | Path, *, screenshot: bool = False) -> dict[str, 
     """Tables (report.md, report.csv), figures, index.html -- and with `screenshot` a PNG
     of the page (report.png). Failed runs are listed; what succeeded is still shown.
     Returns the paths, the comparison table and the run counts."""
-    from reports.table import render_report
-
     run_dir = Path(run_dir)
-    report = render_report(run_dir)
+    report = table_mod.render_report(run_dir)
     records = load_records(run_dir)
     figures = _figures(run_dir, records)
     _link_figures_in_markdown(Path(report["markdown"]), run_dir, figures)
@@ -426,7 +416,7 @@ def find_browser() -> str | None:
 def _browser(args: list[str], html_path: Path, timeout: float) -> subprocess.CompletedProcess:
     browser = find_browser()
     if browser is None:
-        raise MorBenchError(NO_BROWSER)
+        raise ReportError(NO_BROWSER)
     with tempfile.TemporaryDirectory(prefix="mor-bench-chromium-") as profile:
         cmd = [browser, "--headless", "--disable-gpu", "--no-sandbox",
                "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run",
@@ -435,10 +425,10 @@ def _browser(args: list[str], html_path: Path, timeout: float) -> subprocess.Com
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                  check=False)
         except subprocess.TimeoutExpired:
-            raise MorBenchError(f"{browser} did not finish within {timeout:.0f}s") from None
+            raise ReportError(f"{browser} did not finish within {timeout:.0f}s") from None
     if res.returncode != 0:
         tail = "; ".join(res.stderr.strip().splitlines()[-3:])
-        raise MorBenchError(f"{browser} exited with code {res.returncode}: {tail}")
+        raise ReportError(f"{browser} exited with code {res.returncode}: {tail}")
     return res
 
 
@@ -450,7 +440,7 @@ def take_screenshot(html_path: str | Path, png_path: str | Path, *,
     _browser([f"--screenshot={png_path}", f"--window-size={size[0]},{size[1]}",
               "--virtual-time-budget=5000"], Path(html_path), timeout)
     if not png_path.is_file():
-        raise MorBenchError(f"the browser wrote no screenshot to {png_path}")
+        raise ReportError(f"the browser wrote no screenshot to {png_path}")
     return png_path
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from mor.errors import MorBenchError
-from reports.table import paper_layout
+from reports.frame import ReportError, averaged_columns, is_missing
+from reports.stats import lower_is_better
 
 CITATION = "Bae et al. 2025, Mixture-of-Recursions, arXiv 2507.10524"
 # File -> the short name of the paper's table in the "source" label.
@@ -53,6 +53,141 @@ VIEW_KEYS = ["source", "Run", "Model", "Router", "KV", "Share", "N_r", "Params",
              "N_tok", "NLL", "LD", "HS", "PQ", "WG", "ARC", "MMLU", "Avg"]
 
 
+# --- the paper's Table 3 layout ----------------------------------------------------------------
+FAMILY_LABELS = {"vanilla": "Vanilla", "recursive": "Recursive", "mor": "MoR"}
+SHARING_LABELS = {"cycle": "Cyc", "sequence": "Seq", "middle_cycle": "M-Cyc",
+                  "middle_sequence": "M-Seq"}
+# The paper's benchmark abbreviations, in its column order (MMLU: any mmlu* task or group).
+TASK_LABELS = {"lambada_openai": "LD", "hellaswag": "HS", "piqa": "PQ", "winogrande": "WG",
+               "arc_merged": "ARC", "arc_easy": "ARC-e", "arc_challenge": "ARC-c",
+               "mmlu": "MMLU"}
+# Layout column of each table metric that significance marks can land on.
+METRIC_LABELS = {"val_nll": "NLL", "fewshot_avg": "Avg", "train_time_s": "Time",
+                 "peak_mem_mb": "Mem", "tokens_per_s": "Tok/s",
+                 "infer_tokens_per_s": "Infer tok/s"}
+SIGNIFICANCE_NOTE = (
+    "`±`: half-width of the 95% Student-t interval over seeds (none with one seed). `*`: "
+    "the difference from the vanilla model of the same budget is significant (p < 0.05 and "
+    "95% interval excluding 0; paired bootstrap over the same items for few-shot accuracy, "
+    "Welch t-test over seeds otherwise). `vs vanilla` lists those differences; `n.s.`: "
+    "tested, none significant; `-`: nothing testable (one seed, no per-item results). An "
+    "unmarked difference is no evidence that either model is better.")
+
+
+def task_label(task: str) -> str:
+    """The paper's abbreviation of an lm-eval task ("hellaswag_local" -> "HS"), else the
+    task's own name."""
+    base = task.removesuffix("_local")
+    return "MMLU" if base.startswith("mmlu") else TASK_LABELS.get(base, task)
+
+
+def metric_label(metric: str) -> str:
+    """The paper-layout column a table metric is shown in."""
+    if metric.startswith("fs:"):
+        return task_label(metric[3:])
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _task_order(col: str) -> tuple[int, str]:
+    order = list(dict.fromkeys(TASK_LABELS.values()))
+    label = metric_label(col)
+    return (order.index(label) if label in order else len(order), col)
+
+
+def si_count(value: float) -> str:
+    """3 significant digits with K/M/B/T, as the paper writes parameters and tokens."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _cell(value: Any, fmt, half: Any = math.nan, mark: bool = False) -> str | None:
+    if is_missing(value):
+        return None
+    text = fmt(value)
+    if not is_missing(half):
+        text += f" ± {fmt(half).lstrip('+')}"
+    return text + ("*" if mark else "")
+
+
+def _verdicts(tests: pd.DataFrame | None) -> dict[tuple[str, str], pd.DataFrame]:
+    if tests is None or tests.empty:
+        return {}
+    return {key: group for key, group in tests.groupby(["model", "budget"], sort=False)}
+
+
+def _summary(found: pd.DataFrame | None) -> str | None:
+    if found is None:
+        return None
+    sig = found[found["significant"].astype(bool)]
+    if sig.empty:
+        return "n.s."
+    parts = {"better": [], "worse": []}
+    for _, t in sig.iterrows():
+        better = (t["diff"] < 0) == lower_is_better(t["metric"])
+        parts["better" if better else "worse"].append(metric_label(t["metric"]))
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in parts.items() if v)
+
+
+def paper_layout(table: pd.DataFrame, tests: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The comparison table as the paper's Table 3: display strings (None where missing).
+
+    Columns: Model, Run, Router, KV, Share, N_r, Params, Budget, FLOPs, N_tok, NLL, the
+    benchmarks (LD HS PQ WG ARC MMLU, then others), Avg, Seeds, then training time, peak
+    memory and training tokens/s relative to vanilla (Time, Mem, Tok/s -- interleaved when
+    the table has `speed_rel_tokens_per_s`, else sequential), inference tokens/s
+    and its ratio to vanilla when measured, and "vs vanilla". Seed means show
+    `mean ± half-width` when there are several seeds; `tests` (TEST_COLUMNS of
+    `reports.stats`) put a `*` on significant differences and fill "vs vanilla"."""
+    verdicts = _verdicts(tests)
+    fs_cols = averaged_columns(sorted((c for c in table.columns if c.startswith("fs:")
+                                       and not c.endswith("_ci95")), key=_task_order))
+    if "fewshot_avg" in table.columns:
+        fs_cols.append("fewshot_avg")
+    infer = "infer_tokens_per_s" in table.columns
+    # Training tokens/s relative to vanilla: the interleaved measurement when the run took
+    # it (metrics.speed; docs/records.md), else the sequential per-run ratio.
+    tok_s = (("Tok/s", "speed_rel_tokens_per_s", None) if "speed_rel_tokens_per_s" in table
+             else ("Tok/s", "rel_tokens_per_s", "tokens_per_s"))
+    acc = lambda v: f"{100 * v:.1f}"
+    ratio = lambda v: f"{v:.2f}x"
+    rows = []
+    for _, r in table.iterrows():
+        found = verdicts.get((r["model"], r["budget"]))
+        sig = set() if found is None else set(found.loc[found["significant"].astype(bool),
+                                                        "metric"])
+        ci = lambda col, r=r: r.get(f"{col}_ci95", math.nan)
+        row = {
+            "Model": FAMILY_LABELS.get(r["family"], r["family"]), "Run": r["model"],
+            "Router": None if is_missing(r["router"]) else str(r["router"]).capitalize(),
+            "KV": None if is_missing(r["kv"]) else str(r["kv"]).capitalize(),
+            "Share": (None if is_missing(r.get("sharing"))
+                      else SHARING_LABELS.get(r["sharing"], r["sharing"])),
+            "N_r": None if is_missing(r["N_r"]) else str(int(r["N_r"])),
+            "Params": _cell(r["params_non_emb"], si_count), "Budget": r["budget"],
+            "FLOPs": _cell(r["flops_used"], lambda v: f"{v:.3g}"),
+            "N_tok": _cell(r["tokens"], si_count),
+            "NLL": _cell(r["val_nll"], lambda v: f"{v:.4f}", ci("val_nll"),
+                         "val_nll" in sig),
+        }
+        for col in fs_cols:
+            row[metric_label(col)] = _cell(r[col], acc, ci(col), col in sig)
+        row["Seeds"] = _cell(r.get("seeds", math.nan), lambda v: f"{int(v)}")
+        for label, col, src in (("Time", "rel_train_time", "train_time_s"),
+                                ("Mem", "rel_peak_mem", "peak_mem_mb"), tok_s):
+            row[label] = _cell(r.get(col, math.nan), ratio, mark=src in sig)
+        if infer:
+            row["Infer tok/s"] = _cell(r["infer_tokens_per_s"], lambda v: f"{v:,.0f}",
+                                       ci("infer_tokens_per_s"), "infer_tokens_per_s" in sig)
+            row["Infer vs vanilla"] = _cell(r["rel_infer_tokens_per_s"], ratio)
+        row["vs vanilla"] = "reference" if r["family"] == "vanilla" else _summary(found)
+        rows.append(row)
+    out = pd.DataFrame(rows).astype(object)
+    return out.where(out.notna(), None)
+
+
+
 def source_label(name: str) -> str:
     """The "source" column of a paper table's rows, e.g. "paper (arXiv 2507.10524, Table 3)"."""
     return f"paper (arXiv 2507.10524, {PAPER_TABLES[name]})"
@@ -62,7 +197,7 @@ def load_paper_table(name: str) -> pd.DataFrame:
     """One of the paper's tables (PAPER_TABLES) as transcribed; "-" (not applicable or not
     reported) reads as missing."""
     if name not in PAPER_TABLES:
-        raise MorBenchError(f"no paper table {name!r}; choose one of "
+        raise ReportError(f"no paper table {name!r}; choose one of "
                             f"{', '.join(sorted(PAPER_TABLES))}")
     path = resources.files("reports") / "paper_data" / f"{name}.csv"
     with path.open() as f:
@@ -88,7 +223,7 @@ def paper_rows(name: str = "table3_main_360m") -> pd.DataFrame:
     "fixed_tokens"). Only tables with Model, Router, KV and Nr columns have such rows."""
     raw = load_paper_table(name)
     if not {"Model", "Router", "KV", "Nr"} <= set(raw.columns):
-        raise MorBenchError(f"paper table {name!r} has no Model/Router/KV/Nr columns to "
+        raise ReportError(f"paper table {name!r} has no Model/Router/KV/Nr columns to "
                             "match runs on; use load_paper_table for it")
     out = pd.DataFrame({
         "paper_model": raw["Model"],
@@ -111,8 +246,8 @@ def paper_rows(name: str = "table3_main_360m") -> pd.DataFrame:
 
 
 def _same(a: Any, b: Any) -> bool:
-    missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v))
-    return (missing(a) and missing(b)) or (not missing(a) and not missing(b) and a == b)
+    return (is_missing(a) and is_missing(b)) or (not is_missing(a) and not is_missing(b)
+                                                 and a == b)
 
 
 def _matches(row: pd.Series, paper: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,6 @@ so reports need neither scipy nor any other package beyond numpy and pandas.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,12 +25,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mor.errors import MorBenchError
+from evals.suite.record import FEWSHOT_ITEMS, RECORD, RecordError, read_json
+from reports.frame import (
+    averaged_columns,
+    fewshot_parts,
+    get,
+    group_runs,
+    ok_records,
+    records_frame,
+    task_metric,
+    vanilla_groups,
+)
 
 ALPHA = 0.05
 LEVEL = 0.95
 N_BOOT = 10_000
-ITEMS_FILE = "fewshot_items.json"
 
 # Metrics compared across seeds (columns of `reports.table.comparison_table`), and the
 # direction that counts as an improvement over vanilla.
@@ -221,31 +229,25 @@ def load_items(run_dir: str | Path, run_id: str,
 
     `routing` picks the routing mode; by default the record's primary few-shot mode
     (metrics.fewshot.routing), else the file's only mode."""
-    path = Path(run_dir) / run_id / ITEMS_FILE
+    path = Path(run_dir) / run_id / FEWSHOT_ITEMS
     if not path.is_file():
         return None
-    try:
-        by_mode = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MorBenchError(f"'{path}' is not valid JSON ({e}); delete or re-run it") from None
+    by_mode = read_json(path)
     if routing is None:
-        rec_file = path.parent / "record.json"
+        rec_file = path.parent / RECORD
         if rec_file.is_file():
-            fs = (json.loads(rec_file.read_text()).get("metrics") or {}).get("fewshot") or {}
-            routing = fs.get("routing")
+            routing = get(read_json(rec_file), "metrics", "fewshot", "routing")
         if routing is None and len(by_mode) == 1:
             routing = next(iter(by_mode))
     if routing not in by_mode:
-        raise MorBenchError(f"'{path}' has no items for routing mode {routing!r} (it has "
-                            f"{', '.join(sorted(by_mode)) or 'none'}); pass routing=")
+        raise RecordError(f"'{path}' has no items for routing mode {routing!r} (it has "
+                          f"{', '.join(sorted(by_mode)) or 'none'}); pass routing=")
     return by_mode[routing]
 
 
 def _item_scores(items: dict[str, list[dict[str, Any]]], leaves: list[str]
                  ) -> dict[tuple[str, int], float]:
     """{(task, doc_id): correctness} over the leaf tasks, under each task's paper metric."""
-    from reports.table import task_metric
-
     out = {}
     for task in leaves:
         metric = task_metric(task)
@@ -276,13 +278,7 @@ def paired_fewshot_tests(run_dir: str | Path, records: list[dict[str, Any]], *,
     Items come from each run's fewshot_items.json under its primary routing mode; the seeds
     of one model that have the file are averaged per item first. Returns a DataFrame with
     TEST_COLUMNS ("task" is the lm-eval task or group, "metric" the table column)."""
-    from reports.table import averaged_columns, fewshot_parts
-
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        if r.get("status") == "ok":
-            key = (r["model_name"], f"{r['budget']['value']:.6g} {r['budget']['kind']}")
-            groups.setdefault(key, []).append(r)
+    groups = group_runs(ok_records(records))
     loaded: dict[tuple[str, str], tuple[list[dict], dict[str, list[str]], str | None]] = {}
     for key, recs in groups.items():
         items = [i for r in recs if (i := load_items(run_dir, r["run_id"])) is not None]
@@ -294,11 +290,10 @@ def paired_fewshot_tests(run_dir: str | Path, records: list[dict[str, Any]], *,
 
     rows = []
     for (model, budget), (items, parts, routing) in loaded.items():
-        vanilla = [k for k, recs in groups.items() if k[1] == budget
-                   and recs[0]["family"] == "vanilla" and k in loaded]
-        if not vanilla or (model, budget) == vanilla[0]:
+        vanilla = vanilla_groups({k: v for k, v in groups.items() if k in loaded}).get(budget)
+        if vanilla is None or (model, budget) == vanilla:
             continue
-        ref_items, ref_parts, _ = loaded[vanilla[0]]
+        ref_items, ref_parts, _ = loaded[vanilla]
         pairs = {}
         for column, leaves in parts.items():
             if ref_parts.get(column) != leaves:
@@ -330,8 +325,6 @@ def seed_tests(records: list[dict[str, Any]], metrics: Sequence[str] | None = No
     for each metric (table column; default: NLL, few-shot scores, time, memory, speed).
     Only models and vanillas with at least two seeds get a test. TEST_COLUMNS, with "n"
     the model's number of seeds and "task" None."""
-    from reports.table import records_frame
-
     df = records_frame(records)
     rows = []
     if df.empty:

@@ -26,14 +26,12 @@ from matplotlib.collections import PathCollection
 from evals.data.tokenizer import ByteTokenizer
 from evals.suite.depths import (
     DEFAULT_SAMPLE_TEXT,
-    check_depth_export,
     depth_export,
     read_depth_export,
     route_text,
     write_depth_export,
 )
-from evals.suite.provenance import hardware_summary
-from evals.suite.record import load_records
+from evals.suite.record import RecordError, check_depth_export, hardware_summary, load_records
 from mor import ConfigError, ModelConfig, build_model, flops
 from reports import figures
 from reports.figures import FIGURES, FigureSkipped, build_figure, render_figures
@@ -222,6 +220,11 @@ def test_kv_cache_measured_or_analytic_labelled(records):
         "infer"]
     assert built.data["mor-3-share"]["bytes"] == infer["kv_cache_bytes"] / infer["batch_size"]
     assert "Analytic" in built.caption and "Measured" in built.caption
+    # The analytic size is the record's kv_cache (reports run no model code): without it
+    # the model is left out and named, never drawn as zero.
+    recs = _records(records, {"recursive-3-1.2e12F-s0": ["kv_cache"]})
+    built = build_figure("kv_cache", recs)
+    assert "recursive-3" not in built.data and "recursive-3" in built.caption
 
 
 # --- 6./7. depth statistics ----------------------------------------------------------------
@@ -302,7 +305,7 @@ def test_depth_export_routing_modes_and_errors():
     for bad in ({"tokens": ["a"], "depths": [1, 2], "routing": "topk", "num_recursions": 2},
                 {"tokens": ["a"], "depths": [5], "routing": "topk", "num_recursions": 2},
                 {"tokens": ["a"], "depths": [1]}):
-        with pytest.raises(ConfigError):
+        with pytest.raises(RecordError):
             check_depth_export(bad)
 
 

@@ -10,17 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evals.suite.record import load_records
-from mor.errors import MorBenchError
+from evals.suite.record import RecordError, load_records
 from reports.paper import (
     PAPER_TABLES,
     THIS_RUN,
     load_paper_table,
+    paper_layout,
     paper_rows,
     paper_view,
     source_label,
 )
-from reports.table import comparison_table, paper_layout, render_formats
+from reports.table import comparison_table, render_formats
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "reports" / "paper_data"
@@ -55,7 +55,7 @@ def test_load_paper_table():
     assert vanilla["NLL"] == 2.7824 and vanilla["Avg"] == 42.3
     assert pd.isna(vanilla["Router"]) and pd.isna(vanilla["Nr"])  # "-": not applicable
     assert len(load_paper_table("isoflop_scaling")) == 36
-    with pytest.raises(MorBenchError, match="table3_main_360m"):
+    with pytest.raises(RecordError, match="table3_main_360m"):
         load_paper_table("table4")
 
 
@@ -75,7 +75,7 @@ def test_paper_rows_normalise_the_papers_spelling():
     big = paper_rows("larger_1p7b")
     assert big["val_nll"].isna().all()  # the 1.7B table reports no NLL
     assert big.loc[0, "params_non_emb"] == pytest.approx(1.61e9)
-    with pytest.raises(MorBenchError, match="load_paper_table"):
+    with pytest.raises(RecordError, match="load_paper_table"):
         paper_rows("expert_choice_router_ablation")
 
 
@@ -150,7 +150,7 @@ def test_paper_view_unmatched_and_other_tables(table):
     big = paper_view(_variant(table, N_r=3.0), name="larger_1p7b")
     assert big.iloc[1]["source"] == "paper (arXiv 2507.10524, 1.7B models)"
     assert pd.isna(big.iloc[1]["NLL"]) and big.iloc[1]["Avg"] == "46.7"
-    with pytest.raises(MorBenchError):
+    with pytest.raises(RecordError):
         paper_view(table, name="token_choice_router_ablation")
 
 

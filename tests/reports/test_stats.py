@@ -20,8 +20,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from evals.suite.record import load_records  # noqa: E402
-from mor.errors import MorBenchError  # noqa: E402
+from evals.suite.record import (
+    RecordError,  # noqa: E402
+    load_records,  # noqa: E402
+)
 from reports.stats import (  # noqa: E402
     TEST_COLUMNS,
     betainc,
@@ -204,7 +206,7 @@ def test_load_items():
     assert set(van["hellaswag"][0]) == {"doc_id", "acc", "acc_norm"}
     assert set(van["lambada_openai"][0]) == {"doc_id", "acc"}
     assert load_items(FIXTURES, "vanilla-2e12F-s0") is None  # no file
-    with pytest.raises(MorBenchError, match="no items for routing mode 'causal'"):
+    with pytest.raises(RecordError, match="no items for routing mode 'causal'"):
         load_items(FIXTURES, "vanilla-1e12F-s0", routing="causal")
 
 

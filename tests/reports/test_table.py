@@ -23,14 +23,13 @@ import pandas as pd
 import pytest
 
 from evals.cli.main import main
-from evals.suite.record import load_records
-from mor.errors import MorBenchError
+from evals.suite.record import RecordError, load_records
+from reports.frame import fewshot_parts
+from reports.paper import paper_layout
 from reports.stats import TEST_COLUMNS, mean_ci, t_quantile
 from reports.table import (
     comparison_table,
-    fewshot_parts,
     format_table,
-    paper_layout,
     render_formats,
     render_report,
     to_markdown,
@@ -206,14 +205,14 @@ def test_load_records_rejects_non_records(tmp_path, content):
     shutil.copytree(FIXTURES / "vanilla-1e12F-s0", run_dir / "vanilla-1e12F-s0")
     (run_dir / "stray").mkdir()
     (run_dir / "stray" / "record.json").write_text(content)
-    with pytest.raises(MorBenchError, match="stray"):
+    with pytest.raises(RecordError, match="stray"):
         load_records(run_dir)
 
 
 def test_load_records_empty_or_missing(tmp_path):
-    with pytest.raises(MorBenchError, match="no record.json"):
+    with pytest.raises(RecordError, match="no record.json"):
         load_records(tmp_path)
-    with pytest.raises(MorBenchError, match="does not exist"):
+    with pytest.raises(RecordError, match="does not exist"):
         load_records(tmp_path / "missing")
 
 
@@ -333,7 +332,7 @@ def _two_copies(tmp_path, second_run_dir: str | None) -> Path:
 
 def test_report_refuses_records_of_two_suite_runs(capsys, tmp_path):
     parent = _two_copies(tmp_path, "runs/fixture-20261129-000000-abcdef")
-    with pytest.raises(MorBenchError, match="2 suite runs"):
+    with pytest.raises(RecordError, match="2 suite runs"):
         load_records(parent)
     rc = main(["report", str(parent)])
     out, err = capsys.readouterr()
@@ -443,7 +442,13 @@ def test_paper_layout_columns_and_cells(table):
     assert m["Params"] == f"{mor['params_non_emb'] / 1e3:.3g}K"
     assert m["Time"] == f"{mor['rel_train_time']:.2f}x"
     assert m["Mem"] == f"{mor['rel_peak_mem']:.2f}x"
-    assert m["Tok/s"] == f"{mor['rel_tokens_per_s']:.2f}x"
+    # Training throughput: the interleaved ratio (metrics.speed), not the sequential one.
+    assert m["Tok/s"] == f"{mor['speed_rel_tokens_per_s']:.2f}x"
+    assert mor["speed_rel_tokens_per_s"] != pytest.approx(mor["rel_tokens_per_s"])
+    sequential = paper_layout(table.drop(columns=["speed_tokens_per_s",
+                                                  "speed_rel_tokens_per_s"]))
+    assert sequential.iloc[list(layout["Run"]).index("mor-2")]["Tok/s"] == (
+        f"{mor['rel_tokens_per_s']:.2f}x")
     v = rows[("vanilla", "1e+12 flops")]
     # One seed: the mean alone, no interval; vanilla has no router, KV or N_r.
     assert v["NLL"] == f"{van['val_nll']:.4f}" and "±" not in v["HS"]
