@@ -1,9 +1,11 @@
-"""Per-token recursion depth: export, aggregation by difficulty class, terminal display.
+"""Per-token recursion depth: export and aggregation by difficulty class.
 
     mor-bench route RUN_DIR/mor-3-1.2e12F-s0 --text "12 + 39 = 51. the cat sat."
 
 `depth_export` / `write_depth_export` save the depths of one sample text as
-RUN_DIR/<run_id>/depth_sample.json, which `reports.figures` draws as a depth map.
+RUN_DIR/<run_id>/depth_sample.json (`evals.suite.record.DEPTH_SAMPLE`, checked by
+`record.check_depth_export`), which `reports.figures` draws as a depth map; the terminal
+view of `mor-bench route` is `evals.cli.display.render_routed_text`.
 
 The depth of a token is the number of recursion steps it took (expert-choice: steps that
 selected it; token-choice: the depth its router assigned). Every function returns plain
@@ -15,11 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from evals.suite.record import DEPTH_SAMPLE, check_depth_export, read_json, write_json_atomic
 from mor.errors import ConfigError
 from mor.model import CausalLM
+
+__all__ = ["DEFAULT_SAMPLE_TEXT", "DEPTH_SAMPLE", "check_depth_export", "depth_export",
+           "depth_summary", "read_depth_export", "route_text", "token_depths",
+           "write_depth_export"]
 
 
 @torch.no_grad()
@@ -77,9 +83,6 @@ def route_text(model: CausalLM, tokenizer, text: str,
                        for i, p, d in zip(ids, pieces, depths)]}
 
 
-DEPTH_SAMPLE = "depth_sample.json"
-"""File name of a run's depth export, next to its record.json."""
-
 # A default sample: filler prose, arithmetic, recall and variable tracking, as in the
 # synthetic corpus (evals/data/synthetic.py), so the depth map shows the classes side by side.
 DEFAULT_SAMPLE_TEXT = (
@@ -104,8 +107,6 @@ def depth_export(model: CausalLM, tokenizer, text: str = DEFAULT_SAMPLE_TEXT, *,
 
 def write_depth_export(path: str | Path, data: dict[str, Any]) -> Path:
     """Write a `depth_export` result as JSON (atomically); returns the path."""
-    from evals.suite.record import write_json_atomic
-
     path = Path(path)
     check_depth_export(data, where=str(path))
     write_json_atomic(path, data)
@@ -113,53 +114,15 @@ def write_depth_export(path: str | Path, data: dict[str, Any]) -> Path:
 
 
 def read_depth_export(path: str | Path) -> dict[str, Any]:
-    """Load and check a depth export written by `write_depth_export`."""
-    import json
-
+    """Load and check a depth export written by `write_depth_export` (RecordError if it is
+    not one)."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = read_json(path)
     check_depth_export(data, where=str(path))
     return data
-
-
-def check_depth_export(data: Any, where: str = "depth export") -> None:
-    """Raise ConfigError unless `data` has matching tokens/depths and depths in 0..N_r."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in ("tokens", "depths", "routing", "num_recursions") if k not in data]
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    tokens, depths, nr = data["tokens"], data["depths"], data["num_recursions"]
-    if not isinstance(nr, int) or nr < 1:
-        raise ConfigError(f"{where}: num_recursions must be a positive int, got {nr!r}")
-    if not isinstance(tokens, list) or not isinstance(depths, list) or \
-            len(tokens) != len(depths):
-        raise ConfigError(f"{where}: tokens and depths must be lists of equal length")
-    bad = [d for d in depths if not isinstance(d, int) or not 0 <= d <= nr]
-    if bad:
-        raise ConfigError(f"{where}: depths must be ints in 0..{nr}, got {bad[:3]}")
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str]:
     """The text of each token. Byte tokens that split a UTF-8 character come out as
     replacement characters; joined pieces of whole characters equal the decoded text."""
     return [tokenizer.decode([i]) for i in ids]
-
-
-_STYLES = ["grey50", "cyan", "green", "yellow", "bold magenta", "bold red"]
-
-
-def render_routed_text(routed: dict[str, Any]) -> Any:
-    """A `rich.text.Text` with every token coloured by its depth, plus a legend."""
-    from rich.text import Text
-
-    nr = routed["num_recursions"]
-    text = Text()
-    for tok in routed["tokens"]:
-        text.append(tok["text"], style=_STYLES[min(tok["depth"], len(_STYLES) - 1)])
-    legend = Text("\n\ndepth: ")
-    for depth in range(nr + 1):
-        legend.append(f" {depth} ", style=f"reverse {_STYLES[min(depth, len(_STYLES) - 1)]}")
-    counts = np.bincount([t["depth"] for t in routed["tokens"]], minlength=nr + 1)
-    legend.append("   tokens per depth: " + ", ".join(f"{d}: {c}" for d, c in enumerate(counts)))
-    return text + legend

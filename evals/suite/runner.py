@@ -10,11 +10,13 @@ Layout of a suite run directory (never reused; the id holds a timestamp and rand
     RUN_DIR/<run_id>/fewshot_items.json   per-item few-shot scores, by routing mode ([eval])
     RUN_DIR/<run_id>/depth_sample.json    per-token depths of a validation window (MoR)
     RUN_DIR/<run_id>/run.log              the run process's output (live terminal view only)
-    RUN_DIR/report.md, report.csv, index.html, figures/
+    RUN_DIR/infer.json, speed.json        the after-training phases ([infer], [speed])
+    RUN_DIR/report.md, report.csv, index.html, figures/   (the command line renders them)
 
 Progress: each run process reports its phase (data, training, validation, few-shot,
-saving) and training step to the parent through a queue; the parent shows a live table on
-a terminal (`SuiteProgress`) or keeps plain log lines otherwise (CI logs).
+saving) and training steps to the parent through a queue as typed `RunEvent`s; the parent
+adds `SuiteEvent`s of its own and hands every event, in order, to the caller's `on_event`
+(`evals.suite.events`). Nothing here prints: the command line draws the events.
 
 One process per run makes the CPU peak-memory figure that run's own, and a crash in one run
 leaves the others' records intact (the failed run gets a record with status "failed").
@@ -23,8 +25,6 @@ leaves the others' records intact (the failed run gets a record with status "fai
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -40,7 +40,19 @@ from typing import Any
 
 import numpy as np
 
-from evals.suite.record import SCHEMA, write_json_atomic
+from evals.suite.events import PHASES, OnEvent, RunEvent, SuiteEvent, ignore
+from evals.suite.record import (
+    DEPTH_SAMPLE,
+    FEWSHOT_ITEMS,
+    INFER_FILE,
+    PLAN_FILE,
+    RECORD,
+    SCHEMA,
+    SPEED_FILE,
+    failed_record,
+    read_json,
+    write_json_atomic,
+)
 from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table
 from evals.training.budget import plan_training
 from mor.errors import ConfigError
@@ -100,6 +112,10 @@ def save_suite_data(suite: Suite, prepared, run_dir: Path) -> dict[str, Any]:
         "train_tokens": int(prepared.train.windows.shape[0] * spec.seq_len),
         "val_windows": int(val.shape[0]), "val_bytes_per_token": bytes_per_token,
     }
+    if spec.corpus == "synthetic":  # reports name the depth-by-class rows with these
+        from evals.data.synthetic import DIFFICULTY_CLASSES
+
+        meta["difficulty_classes"] = list(DIFFICULTY_CLASSES)
     write_json_atomic(data_dir / "data.json", meta)
     write_json_atomic(data_dir / "tokenizer.json", tokenizer_to_spec(prepared.tokenizer))
     return meta
@@ -109,33 +125,32 @@ def save_suite_data(suite: Suite, prepared, run_dir: Path) -> dict[str, Any]:
 # one run, in its own process
 
 
-PHASES = ("queued", "data", "training", "validation", "few-shot", "saving", "done", "failed")
-"""The phases a run goes through, in order ("failed" can follow any of them)."""
+__all__ = ["DEFAULT_CACHE", "PHASES", "RunEvent", "SuiteEvent", "dry_run", "execute_run",
+           "make_run_dir", "run_suite"]
 
 
-class StatusSender:
-    """The run process's side of progress reporting: phase changes and training steps as
-    small dicts on a multiprocessing queue (the parent's `run_suite` relays them to its
-    `on_status` callback). In plain mode it also prints a line every ~10% of the steps to
-    stderr, the log a CI job keeps; stdout stays for results (`mor-bench run --json`)."""
+class EventSender:
+    """The run process's side of progress reporting: `RunEvent`s on a multiprocessing
+    queue (the parent's `run_suite` relays them, in order, to its `on_event`). Training
+    steps are throttled to one event per `min_interval_s` for live views, except the
+    milestones -- every ~10% of the steps and the last -- which plain logs print."""
 
-    def __init__(self, run_id: str, queue=None, plain: bool = True,
-                 min_interval_s: float = 0.25):
-        self.run_id, self.queue, self.plain = run_id, queue, plain
+    def __init__(self, run_id: str, queue=None, min_interval_s: float = 0.25):
+        self.run_id, self.queue = run_id, queue
         self.min_interval_s = min_interval_s
         self._last_sent = 0.0
         self._t_train = time.perf_counter()
 
-    def _send(self, event: dict[str, Any]) -> None:
+    def _send(self, phase: str, **fields: Any) -> None:
         if self.queue is not None:
-            self.queue.put({"run_id": self.run_id, "time": time.time(), **event})
+            self.queue.put(RunEvent(self.run_id, phase, time.time(), **fields))
 
-    def phase(self, name: str, **info: Any) -> None:
+    def phase(self, name: str, **fields: Any) -> None:
         if name not in PHASES:
             raise ValueError(f"unknown phase {name!r}")
         if name == "training":
             self._t_train = time.perf_counter()
-        self._send({"phase": name, **info})
+        self._send(name, **fields)
 
     def step_callback(self, total: int):
         """An `on_step(step, loss, lr)` for `evals.training.loop.train`."""
@@ -143,129 +158,16 @@ class StatusSender:
 
         def on_step(step: int, loss: float, lr: float) -> None:
             now = time.perf_counter()
-            last = step + 1 == total
-            if last or now - self._last_sent >= self.min_interval_s:
+            milestone = (step + 1) % every == 0 or step + 1 == total
+            if milestone or now - self._last_sent >= self.min_interval_s:
                 self._last_sent = now
-                self._send({"phase": "training", "step": step + 1, "total": total,
-                            "loss": loss})
-            if self.plain and ((step + 1) % every == 0 or last):
-                print(f"  {self.run_id}: step {step + 1}/{total} loss {loss:.4f} lr {lr:.2e} "
-                      f"({now - self._t_train:.0f}s)", file=sys.stderr, flush=True)
+                self._send("training", step=step + 1, total=total, loss=loss, lr=lr,
+                           train_s=now - self._t_train, milestone=milestone)
         return on_step
 
 
-class SuiteProgress:
-    """The parent's view of a suite run, fed with status events (`__call__`).
-
-    live=True (a terminal): a rich table on stderr, one row per run -- model, phase,
-    step/total, loss, elapsed, ETA -- refreshed in place. live=False: nothing extra (the
-    runner's plain log lines stand). Either way `summary()` is the final table (model,
-    status, val NLL, tokens/s, time) and `rows` holds the latest state of every run."""
-
-    def __init__(self, live: bool | None = None, console=None):
-        from rich.console import Console
-
-        self.live = sys.stderr.isatty() if live is None else live
-        self.console = console or Console(stderr=True, width=None if sys.stderr.isatty()
-                                          else 160)
-        self.rows: dict[str, dict[str, Any]] = {}
-        self._live = None
-        self._t0 = time.perf_counter()
-
-    # events ----------------------------------------------------------------------------
-    def __call__(self, event: dict[str, Any]) -> None:
-        row = self.rows.setdefault(event["run_id"], {"run_id": event["run_id"]})
-        phase = event.get("phase")
-        now = time.perf_counter()
-        if phase and phase != row.get("phase"):
-            row["phase"] = phase
-            if phase != "queued" and row.get("t_start") is None:
-                row["t_start"] = now
-            if phase == "training":
-                row["t_train"] = now
-            if phase in ("done", "failed"):
-                row["t_end"] = now
-        for key in ("model", "step", "total", "loss", "val_nll", "tokens_per_s", "error",
-                    "wall_s"):
-            if key in event:
-                row[key] = event[key]
-        if self._live is not None:
-            self._live.update(self.table(), refresh=phase in ("done", "failed"))
-
-    def start(self) -> None:
-        if self.live and self._live is None:
-            from rich.live import Live
-
-            self._live = Live(self.table(), console=self.console, refresh_per_second=4,
-                              get_renderable=self.table, transient=False)
-            self._live.start()
-
-    def stop(self) -> None:
-        if self._live is not None:
-            self._live.update(self.table(), refresh=True)
-            self._live.stop()
-            self._live = None
-
-    # views -----------------------------------------------------------------------------
-    @staticmethod
-    def _clock(seconds: float | None) -> str:
-        if seconds is None or not math.isfinite(seconds):
-            return "-"
-        m, s = divmod(int(round(seconds)), 60)
-        return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-    def eta(self, row: dict[str, Any]) -> float | None:
-        """Seconds left in the training phase, from the step rate so far."""
-        if row.get("phase") != "training" or not row.get("step") or not row.get("total"):
-            return None
-        elapsed = time.perf_counter() - row.get("t_train", time.perf_counter())
-        return elapsed * (row["total"] - row["step"]) / row["step"]
-
-    def table(self):
-        from rich.table import Table
-
-        done = sum(r.get("phase") in ("done", "failed") for r in list(self.rows.values()))
-        table = Table(title=f"suite: {done}/{len(self.rows)} runs finished, "
-                            f"{self._clock(time.perf_counter() - self._t0)} elapsed",
-                      title_justify="left")
-        for col in ("model", "phase", "step", "loss", "elapsed", "ETA"):
-            table.add_column(col, justify="left" if col in ("model", "phase") else "right")
-        styles = {"done": "green", "failed": "bold red", "queued": "grey50"}
-        for row in list(self.rows.values()):  # the refresh thread reads while events arrive
-            phase = row.get("phase", "queued")
-            step = (f"{row['step']}/{row['total']}" if row.get("total") and row.get("step")
-                    else "-")
-            end = row.get("t_end") or time.perf_counter()
-            elapsed = end - row["t_start"] if row.get("t_start") else None
-            loss = row.get("loss")
-            table.add_row(row["run_id"], f"[{styles.get(phase, 'bold')}]{phase}[/]", step,
-                          "-" if loss is None else f"{loss:.3f}", self._clock(elapsed),
-                          self._clock(self.eta(row)))
-        return table
-
-    def summary(self, records: list[dict[str, Any]]):
-        """The final table: one row per run with status, val NLL, tokens/s and time."""
-        from rich.table import Table
-
-        table = Table(title="suite summary", title_justify="left")
-        for col in ("model", "status", "val NLL", "tokens/s", "time"):
-            table.add_column(col, justify="left" if col in ("model", "status") else "right")
-        for rec in records:
-            m = rec.get("metrics") or {}
-            row = self.rows.get(rec.get("run_id"), {})
-            ok = rec.get("status") == "ok"
-            nll, tps = m.get("val_nll"), m.get("tokens_per_s")
-            table.add_row(rec.get("run_id", "?"), "[green]ok[/]" if ok else "[bold red]failed[/]",
-                          "-" if nll is None else f"{nll:.4f}",
-                          "-" if tps is None else f"{tps:,.0f}", self._clock(row.get("wall_s")))
-        return table
-
-    def print_summary(self, records: list[dict[str, Any]]) -> None:
-        self.console.print(self.summary(records))
-
-
 def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
-                train_cfg: dict[str, Any], status: StatusSender | None = None
+                train_cfg: dict[str, Any], status: EventSender | None = None
                 ) -> dict[str, Any]:
     """Train one model and write its checkpoint and record. Runs in a child process."""
     import torch
@@ -275,8 +177,9 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     from evals.training.device import measure_matmul_peak, resolve_device
     from evals.training.loop import TrainConfig, train
     from mor import build_model, flops, save_checkpoint
+    from mor.routing import routing_label
 
-    status = status or StatusSender(spec.run_id)
+    status = status or EventSender(spec.run_id)
     status.phase("data")
     started = _utc_now()
     tcfg = TrainConfig(**train_cfg)
@@ -289,7 +192,7 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     peak_flops = measure_matmul_peak(device.type)
     torch.manual_seed(spec.seed)
     data_dir = run_dir / "data"
-    data_meta = json.loads((data_dir / "data.json").read_text())
+    data_meta = read_json(data_dir / "data.json")
     # Kept compact (uint16/int32): iterate_batches widens each batch to int64.
     train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int32))
     val_windows = torch.from_numpy(np.load(data_dir / "val.npy").astype(np.int64))
@@ -307,13 +210,13 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     if eval_info and eval_info.get("tasks"):
         status.phase("few-shot")
         fewshot, items = _fewshot(model, cfg, eval_info, data_dir, device)
-        write_json_atomic(out_dir / "fewshot_items.json", items)
+        write_json_atomic(out_dir / FEWSHOT_ITEMS, items)
     status.phase("saving")
-    tokenizer_spec = json.loads((data_dir / "tokenizer.json").read_text())
+    tokenizer_spec = read_json(data_dir / "tokenizer.json")
     save_checkpoint(model, out_dir, extra={"tokenizer": tokenizer_spec, "run_id": spec.run_id})
     if cfg.family == "mor":
         _depth_sample(model, tokenizer_spec, val_windows, data_meta["corpus"],
-                      out_dir / "depth_sample.json")
+                      out_dir / DEPTH_SAMPLE)
 
     # Training compute actually done: 3x the exact forward FLOPs (backward = 2x forward).
     train_flops_exact = 3 * spec.plan.flops_per_token_exact * result.tokens
@@ -347,16 +250,21 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         "family": spec.config.family,
         "params": flops.param_counts(spec.config),
         "layer_plan": spec.config.layer_plan,
-        "eval_routing": cfg.eval_routing if cfg.family == "mor" else None,
+        "eval_routing": routing_label(cfg) if cfg.family == "mor" else None,
         "router": cfg.router if cfg.family == "mor" else None,
         "kv": cfg.kv if cfg.family == "mor" else None,
         "suite": suite_info, "data": data_meta, "train": dataclasses.asdict(tcfg),
+        # What reports need of the model, written here so they never import model code:
+        # the analytic KV cache of one sequence of the suite's length (bf16, mor.flops).
+        "kv_cache": {"seq_len": data_meta["seq_len"],
+                     "bytes_per_seq": flops.kv_cache_bytes(cfg, data_meta["seq_len"],
+                                                           batch_size=1)},
         "metrics": metrics, "loss_curve": result.loss_curve,
         "peak_flops_per_s": peak_flops, "device": str(device),
         "checkpoint": str(out_dir), "started_at": started, "finished_at": _utc_now(),
         "provenance": provenance(),
     }
-    write_json_atomic(out_dir / "record.json", record)
+    write_json_atomic(out_dir / RECORD, record)
     return record
 
 
@@ -375,34 +283,23 @@ def _evaluate(model, cfg, val_windows, data_dir: Path, tcfg, device):
     from evals.data.synthetic import DIFFICULTY_CLASSES
     from evals.suite.depths import depth_summary, token_depths
     from evals.training.loop import evaluate_nll
+    from mor.routing import eval_modes, routing_label, use_routing
 
-    if cfg.family != "mor":
+    modes = eval_modes(cfg)
+    if not modes:
         return evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size,
                             device=device), {}, {}
     classes_file = data_dir / "val_classes.npy"
     classes = (torch.from_numpy(np.load(classes_file))[:, :-1] if classes_file.is_file()
                else None)
-    modes = ("topk", "causal") if cfg.router == "expert" else (cfg.eval_routing,)
     by_mode, depths = {}, {}
     for mode in modes:
-        if cfg.router == "expert":
-            model.set_eval_routing(mode)
-        by_mode[mode] = evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size,
-                                     device=device)
-        d = token_depths(model, val_windows[:, :-1], batch_size=tcfg.val_batch_size)
+        with use_routing(model, mode):
+            by_mode[mode] = evaluate_nll(model, val_windows, batch_size=tcfg.val_batch_size,
+                                         device=device)
+            d = token_depths(model, val_windows[:, :-1], batch_size=tcfg.val_batch_size)
         depths[mode] = depth_summary(d, cfg.num_recursions, classes, DIFFICULTY_CLASSES)
-    if cfg.router == "expert":
-        model.set_eval_routing(cfg.eval_routing)
-    return by_mode[cfg.eval_routing], by_mode, depths
-
-
-def _safe_provenance() -> dict[str, Any]:
-    try:
-        from evals.suite.provenance import provenance
-
-        return provenance()
-    except Exception as e:  # a failure record must still be written
-        return {"error": f"provenance unavailable: {e}"}
+    return by_mode[routing_label(cfg)], by_mode, depths
 
 
 def _depth_sample(model, tokenizer_spec: dict[str, Any], val_windows, corpus: str,
@@ -410,21 +307,17 @@ def _depth_sample(model, tokenizer_spec: dict[str, Any], val_windows, corpus: st
     """Per-token recursion depths of one text for the report's depth map, routed as the
     model is evaluated (its `eval_routing`). On the synthetic corpus: a fixed sentence that
     holds every difficulty class side by side; on any other corpus: the first held-out
-    validation window, decoded. A failure here is reported, not fatal: the run stands."""
+    validation window, decoded. An error here fails the run (its checkpoint is saved)."""
     from evals.data.tokenizer import tokenizer_from_spec
     from evals.suite.depths import DEFAULT_SAMPLE_TEXT, depth_export, write_depth_export
 
-    try:
-        tokenizer = tokenizer_from_spec(tokenizer_spec)
-        if corpus == "synthetic":
-            text, source = DEFAULT_SAMPLE_TEXT, "fixed sample (synthetic corpus classes)"
-        else:
-            text, source = tokenizer.decode(val_windows[0, :-1].tolist()), "validation window 0"
-        data = depth_export(model, tokenizer, text, max_tokens=256)
-        write_depth_export(path, {**data, "source": source})
-    except Exception as e:  # a missing figure must not lose a trained run
-        print(f"warning: {path.parent.name}: no depth sample ({type(e).__name__}: {e})",
-              file=sys.stderr, flush=True)
+    tokenizer = tokenizer_from_spec(tokenizer_spec)
+    if corpus == "synthetic":
+        text, source = DEFAULT_SAMPLE_TEXT, "fixed sample (synthetic corpus classes)"
+    else:
+        text, source = tokenizer.decode(val_windows[0, :-1].tolist()), "validation window 0"
+    data = depth_export(model, tokenizer, text, max_tokens=256)
+    write_depth_export(path, {**data, "source": source})
 
 
 def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
@@ -438,22 +331,21 @@ def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
     tasks, paths = eval_info["tasks"], eval_info["include_paths"]
     use_offline_if_local(tasks, paths)  # before lm-eval (and datasets) is imported
     from evals.lmeval.adapter import MorBenchLM, run_tasks
+    from mor.routing import eval_modes, routing_label, use_routing
 
-    tokenizer = tokenizer_from_spec(json.loads((data_dir / "tokenizer.json").read_text()))
-    modes = (("topk", "causal") if cfg.family == "mor" and cfg.router == "expert"
-             else (cfg.eval_routing if cfg.family == "mor" else "default",))
+    tokenizer = tokenizer_from_spec(read_json(data_dir / "tokenizer.json"))
+    primary = routing_label(cfg)
     by_mode, items = {}, {}
-    for mode in modes:
-        lm = MorBenchLM(model=model, tokenizer=tokenizer, batch_size=eval_info["batch_size"],
-                        device=str(device),
-                        routing=mode if cfg.family == "mor" and cfg.router == "expert" else None)
-        res = run_tasks(lm, tasks, include_paths=paths, num_fewshot=eval_info["num_fewshot"],
-                        limit=eval_info["limit"], log_samples=True)
+    # Every mode the model can be evaluated under; one label for models without a router.
+    for mode in eval_modes(cfg) or (primary,):
+        with use_routing(model, mode if eval_modes(cfg) else None):
+            lm = MorBenchLM(model=model, tokenizer=tokenizer,
+                            batch_size=eval_info["batch_size"], device=str(device))
+            res = run_tasks(lm, tasks, include_paths=paths,
+                            num_fewshot=eval_info["num_fewshot"], limit=eval_info["limit"],
+                            log_samples=True)
         by_mode[mode] = res["tasks"]
         items[mode] = res["items"]
-    if cfg.family == "mor" and cfg.router == "expert":
-        model.set_eval_routing(cfg.eval_routing)
-    primary = cfg.eval_routing if cfg.family == "mor" else "default"
     return {"tasks": by_mode[primary], "by_routing": by_mode, "routing": primary,
             "num_fewshot": eval_info["num_fewshot"], "limit": eval_info["limit"],
             "lm_eval_version": res["lm_eval_version"]}, items
@@ -482,7 +374,8 @@ def prepare_eval(suite: Suite, run_dir: Path, cache_dir: Path) -> dict[str, Any]
 
 def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
                 status_queue=None, live: bool = False) -> None:
-    """A run process: train, evaluate, save; on any error write a failure record.
+    """A run process: train, evaluate, save; on any error write a failure record (and the
+    traceback to error.txt) and exit 1. The parent reports the failure.
 
     live=True (the parent draws a live table on the terminal): this process's own output
     (lm-eval's notes, warnings) goes to RUN_DIR/<run_id>/run.log instead of the terminal."""
@@ -496,20 +389,17 @@ def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
         os.dup2(log_fd, 1)  # fd level: C extensions and tqdm bars land there too
         os.dup2(log_fd, 2)
         os.close(log_fd)
-    status = StatusSender(spec.run_id, status_queue, plain=not live)
+    status = EventSender(spec.run_id, status_queue)
     try:
         execute_run(spec, suite_info, run_dir_p, train_cfg, status)
     except BaseException as e:  # record the failure, keep the other runs going
+        from evals.suite.provenance import provenance
+
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "error.txt").write_text(traceback.format_exc())
-        write_json_atomic(out_dir / "record.json", {
-            "schema": SCHEMA, "status": "failed", **spec.to_dict(),
-            "family": spec.config.family, "suite": suite_info,
-            "error": f"{type(e).__name__}: {e}", "finished_at": _utc_now(), "metrics": {},
-            "provenance": _safe_provenance(),
-        })
-        print(f"run {spec.run_id} failed: {type(e).__name__}: {e} (see {out_dir}/error.txt)",
-              file=sys.stderr, flush=True)
+        write_json_atomic(out_dir / RECORD, failed_record(
+            spec.to_dict(), family=spec.config.family, suite=suite_info,
+            error=f"{type(e).__name__}: {e}", provenance=provenance()))
         sys.exit(1)
     finally:
         if status_queue is not None:
@@ -522,21 +412,23 @@ def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
 
 
 def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
-              cache_dir: Path = DEFAULT_CACHE, log=print,
-              on_status=None, live: bool = False) -> tuple[Path, list[dict], list[str]]:
-    """Train every planned run; returns the run directory, the records written (failed
-    runs included, with status "failed") and the ids of the runs that failed.
+              cache_dir: Path = DEFAULT_CACHE, on_event: OnEvent | None = None,
+              live: bool = False) -> tuple[Path, list[dict], list[str]]:
+    """Train every planned run, then the suite's after-training phases ([infer], [speed]);
+    returns the run directory, the records written (failed runs included, with status
+    "failed") and the ids of the runs that failed.
 
-    `on_status(event)` receives every run's progress as dicts {"run_id", "phase", ...}:
-    "queued" for all runs once the plan is final, then per run, in order, "data",
-    "training" (repeated with "step"/"total"/"loss"), "validation", "few-shot" (suites with
-    [eval]), "saving", and finally "done" (with "val_nll", "tokens_per_s", "wall_s") or
-    "failed" (with "error"). `live`: the caller draws on the terminal, so run processes
-    write their own output to run.log rather than to stderr."""
+    `on_event(event)` receives, in order (`evals.suite.events`): SuiteEvent "start" and
+    "data"; RunEvent "queued" for every run once the plan is final; then per run a
+    SuiteEvent "run" and its RunEvents "data", "training" (repeated with step/total/loss),
+    "validation", "few-shot" (suites with [eval]), "saving", and "done" (val_nll,
+    tokens_per_s, wall_s) or "failed" (error); SuiteEvent "finished"; then for each phase
+    "phase", "phase_log"..., and "phase_done" or "phase_failed". `live`: the caller draws on
+    the terminal, so run processes write their own output to run.log rather than stderr."""
     from evals.data.corpus import check_corpus
     from evals.training.device import resolve_device
 
-    emit = on_status or (lambda event: None)
+    emit = on_event or ignore
     runs = plan_runs(suite)  # validates everything before any data or compute
     try:
         resolve_device(suite.train.device)  # e.g. device = "cuda" on a machine without one
@@ -548,20 +440,24 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     prepared = load_suite_data(suite, corpus, cache_dir)
     run_dir = make_run_dir(out_root, suite.name)
     (run_dir / "suite.toml").write_text(suite.text)
-    log(f"suite {suite.name}: {len(runs)} runs -> {run_dir}")
+
+    def suite_event(kind: str, phase: str | None = None, **info: Any) -> None:
+        emit(SuiteEvent(kind, suite.name, str(run_dir), phase, info))
+
+    suite_event("start", runs=len(runs))
     data_meta = save_suite_data(suite, prepared, run_dir)
     del prepared
-    log(f"data: {data_meta['corpus']} / {data_meta['tokenizer']}: "
-        f"{data_meta['train_tokens']:,} train tokens, {data_meta['val_windows']} val windows "
-        f"({time.perf_counter() - t_data:.1f}s)")
+    suite_event("data", corpus=data_meta["corpus"], tokenizer=data_meta["tokenizer"],
+                train_tokens=data_meta["train_tokens"], val_windows=data_meta["val_windows"],
+                seconds=time.perf_counter() - t_data)
     runs = [_with_vocab(r, data_meta["vocab_size"], suite) for r in runs]
-    write_json_atomic(run_dir / "plan.json", plan_table(runs))
+    write_json_atomic(run_dir / PLAN_FILE, plan_table(runs))
     train_cfg = dataclasses.asdict(suite.train)
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
                   "run_dir": str(run_dir), "eval": prepare_eval(suite, run_dir, cache_dir)}
     for spec in runs:
-        emit({"run_id": spec.run_id, "model": spec.model_name, "phase": "queued",
-              "total": spec.plan.steps, "time": time.time()})
+        emit(RunEvent(spec.run_id, "queued", time.time(), model=spec.model_name,
+                      total=spec.plan.steps))
     ctx = mp.get_context("spawn")
     status_queue = ctx.Queue()
     # SIGTERM (a CI timeout, `kill`) as KeyboardInterrupt, so the running run process is
@@ -570,9 +466,16 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     old_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         records, failed = _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg,
-                                   emit, log, live)
-        if suite.infer is not None and len(failed) < len(runs):
-            records = _infer_phase(suite, run_dir, records, log)
+                                   emit, suite_event, live)
+        if len(failed) < len(runs):
+            if suite.infer is not None:
+                records = _after_training(
+                    "infer", (suite.infer,), run_dir, records, suite_event,
+                    samples=suite.infer.samples, gen_mean=suite.infer.gen_mean,
+                    batch_size=suite.infer.batch_size, repeats=suite.infer.repeats)
+            if suite.speed is not None:
+                records = _after_training("speed", (suite.speed, train_cfg), run_dir, records,
+                                          suite_event, **dataclasses.asdict(suite.speed))
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, old_handler)
@@ -580,37 +483,40 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     return run_dir, records, failed
 
 
-def _infer_phase(suite: Suite, run_dir: Path, records: list[dict], log) -> list[dict]:
-    """The suite's [infer] table: every successful run's generation throughput, measured
-    side by side in one process (`evals.perf.generation`); adds metrics["infer"] to the records
-    and writes RUN_DIR/infer.json. A failure here keeps the training results."""
-    from evals.suite.phases import run_suite_phase
+def _after_training(phase: str, args: tuple, run_dir: Path, records: list[dict],
+                    suite_event, **settings: Any) -> list[dict]:
+    """An after-training phase (`evals.suite.phases`) in its own process; returns the
+    records re-read (the phase adds metrics[phase] to them). A failure keeps the training
+    results and leaves RUN_DIR/<phase>_error.txt."""
+    from evals.suite.phases import error_file, run_phase
 
-    s = suite.infer
     t0 = time.perf_counter()
-    log(f"inference: {s.samples} samples x ~{s.gen_mean:g} tokens per model, batch "
-        f"{s.batch_size}, {s.repeats} interleaved round(s)")
-    if not run_suite_phase(run_dir, s):
-        log(f"inference phase failed (see {run_dir}/infer_error.txt); training results kept")
+    suite_event("phase", phase, **settings)
+    ok = run_phase(phase, run_dir, args,
+                   on_log=lambda line: suite_event("phase_log", phase, message=line))
+    if not ok:
+        suite_event("phase_failed", phase, error_file=str(error_file(run_dir, phase)))
         return records
-    log(f"inference: done in {time.perf_counter() - t0:.0f}s -> {run_dir}/infer.json")
-    return [json.loads((run_dir / r["run_id"] / "record.json").read_text())
-            if (run_dir / r["run_id"] / "record.json").is_file() else r for r in records]
+    out = {"infer": INFER_FILE, "speed": SPEED_FILE}[phase]
+    suite_event("phase_done", phase, seconds=time.perf_counter() - t0,
+                file=str(run_dir / out))
+    return [read_json(run_dir / r["run_id"] / RECORD)
+            if (run_dir / r["run_id"] / RECORD).is_file() else r for r in records]
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, log, live):
+def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, suite_event,
+             live):
     """Each run in its own process, one after the other; returns (records, failed ids)."""
     records, failed = [], []
     t0 = time.perf_counter()
     for i, spec in enumerate(runs, 1):
-        if not live:
-            log(f"[{i}/{len(runs)}] {spec.run_id}: {spec.config.family} "
-                f"{spec.config.layer_plan}, {spec.plan.steps} steps x "
-                f"{spec.plan.tokens_per_step} tokens")
+        suite_event("run", index=i, count=len(runs), run_id=spec.run_id,
+                    family=spec.config.family, layers=spec.config.layer_plan,
+                    steps=spec.plan.steps, tokens_per_step=spec.plan.tokens_per_step)
         t_run = time.perf_counter()
         proc = ctx.Process(target=_child_main, name=f"mor-bench-{spec.run_id}",
                            args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live))
@@ -622,27 +528,25 @@ def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, log,
             if proc.is_alive():  # interrupted (Ctrl-C, an error in the view): no orphans
                 proc.terminate()
                 proc.join(10)
-        rec_file = run_dir / spec.run_id / "record.json"
+        rec_file = run_dir / spec.run_id / RECORD
         if proc.exitcode != 0 or not rec_file.is_file():
             failed.append(spec.run_id)
             if not rec_file.is_file():  # killed before it could write its failure record
-                write_json_atomic(rec_file, {
-                    "schema": SCHEMA, "status": "failed", **spec.to_dict(),
-                    "family": spec.config.family, "suite": suite_info, "metrics": {},
-                    "error": f"process exited with code {proc.exitcode}",
-                    "finished_at": _utc_now()})
-        rec = json.loads(rec_file.read_text())
+                write_json_atomic(rec_file, failed_record(
+                    spec.to_dict(), family=spec.config.family, suite=suite_info,
+                    error=f"process exited with code {proc.exitcode}"))
+        rec = read_json(rec_file)
         records.append(rec)
         wall = time.perf_counter() - t_run
         if rec.get("status") == "ok" and spec.run_id not in failed:
             m = rec.get("metrics", {})
-            emit({"run_id": spec.run_id, "phase": "done", "val_nll": m.get("val_nll"),
-                  "tokens_per_s": m.get("tokens_per_s"), "wall_s": wall, "time": time.time()})
+            emit(RunEvent(spec.run_id, "done", time.time(), val_nll=m.get("val_nll"),
+                          tokens_per_s=m.get("tokens_per_s"), wall_s=wall))
         else:
-            emit({"run_id": spec.run_id, "phase": "failed", "error": rec.get("error"),
-                  "wall_s": wall, "time": time.time()})
-    log(f"suite {suite_info['name']}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
-        f"{time.perf_counter() - t0:.0f}s")
+            emit(RunEvent(spec.run_id, "failed", time.time(), error=rec.get("error"),
+                          wall_s=wall))
+    suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
+                seconds=time.perf_counter() - t0)
     return records, failed
 
 

@@ -14,6 +14,7 @@ every training length planned -- before any data is touched or any step is train
                `budget = {tokens = ...}` replaces the suite budget for that model
     [eval]     few-shot tasks through lm-evaluation-harness (`EvalSettings`)
     [infer]    generation-throughput benchmark after training (`evals.perf.generation`)
+    [speed]    interleaved training-speed ratios after training (`evals.perf.train_speed`)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mor.config import ModelConfig
 from mor.errors import ConfigError
 
 _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models",
-             "eval", "infer"}
+             "eval", "infer", "speed"}
 
 
 BATCH_MODES = ("max",)
@@ -122,6 +123,40 @@ class InferSettings:
 
 
 @dataclass(frozen=True)
+class SpeedSettings:
+    """A suite's [speed] table: after training, every successful run's checkpoint trains a
+    few more steps on the suite's training windows, all models interleaved in one process
+    (A B A B rounds, `evals.perf.train_speed.interleaved_train_speed`), so a busy machine
+    slows every model alike and the ratios to vanilla stay comparable."""
+
+    rounds: int = 3
+    """Interleaved rounds; each model's median round is reported."""
+    steps_per_round: int = 3
+    """Timed training steps per model and round."""
+    warmup_steps: int = 1
+    """Untimed steps per model before the first round."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("rounds", 1), ("steps_per_round", 1), ("warmup_steps", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"speed setting '{name}': must be an integer >= {low}, "
+                                  f"got {v!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> SpeedSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}unknown speed setting(s) {unknown}; known: "
+                              f"{', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     """A suite's [eval] table: few-shot tasks run through lm-evaluation-harness after
     training (expert-choice MoR under both top-k and causal routing)."""
@@ -176,6 +211,9 @@ class Suite:
     infer: InferSettings | None = None
     """The [infer] table: after training, every model's generation throughput, measured
     side by side (`evals.perf.generation`); None = no inference phase."""
+    speed: SpeedSettings | None = None
+    """The [speed] table: after training, interleaved training-speed ratios
+    (`evals.perf.train_speed`); None = no speed phase."""
 
     @property
     def sha256(self) -> str:
@@ -380,9 +418,14 @@ def parse_suite(text: str, source: str) -> Suite:
         if not isinstance(raw["infer"], dict):
             raise ConfigError(f"{source}: [infer] must be a table of benchmark settings")
         infer = InferSettings.from_dict(raw["infer"], where=f"{source}: [infer] ")
+    speed = None
+    if "speed" in raw:
+        if not isinstance(raw["speed"], dict):
+            raise ConfigError(f"{source}: [speed] must be a table of benchmark settings")
+        speed = SpeedSettings.from_dict(raw["speed"], where=f"{source}: [speed] ")
     return Suite(name=name, description=str(raw.get("description", "")), source=source,
                  text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
-                 evaluation=evaluation, infer=infer)
+                 evaluation=evaluation, infer=infer, speed=speed)
 
 
 def plan_runs(suite: Suite) -> list[RunSpec]:

@@ -27,10 +27,9 @@ from evals.suite.record import SCHEMA, load_records
 from evals.suite.runner import _child_main, make_run_dir
 from evals.suite.spec import load_suite, plan_runs
 from evals.training.loop import evaluate_nll
-from mor import load_checkpoint
+from mor import flops, load_checkpoint
 from mor.config import PRESETS
 from reports.table import render_report
-from tests.conftest import MICRO_SUITE
 
 SUBCOMMANDS = ("models", "suites", "run", "report", "check", "route", "peak-flops",
                "bench-train", "bench-infer")
@@ -268,6 +267,43 @@ def test_report_of_missing_dir(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "report", str(tmp_path / "nope"))
     assert rc == 2
     assert_one_line_error(err, "nope")
+
+
+def test_a_malformed_record_is_a_one_line_error(capsys, tmp_path):
+    (tmp_path / "run-a").mkdir()
+    (tmp_path / "run-a" / "record.json").write_text('{"schema": "something/else"}')
+    for command in (["report", str(tmp_path)],
+                    ["check", str(tmp_path), "--baseline", str(tmp_path / "b.json"),
+                     "--update"]):
+        rc, out, err = run_cli(capsys, *command)
+        assert rc == 2, (command, err)
+        assert out == ""
+        assert_one_line_error(err, "record.json", "something/else")
+
+
+def test_a_bug_is_not_turned_into_a_usage_error(monkeypatch):
+    import evals.cli.models
+
+    def broken(args):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(evals.cli.models, "cmd_suites", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["suites"])
+
+
+def test_only_the_chosen_command_module_is_imported():
+    script = ("import sys\nfrom evals.cli.main import main\n"
+              "assert main(['suites', '--json']) == 0\n"
+              "loaded = sorted(m for m in sys.modules if m.startswith('evals.cli.'))\n"
+              "print(loaded)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[3])
+    assert res.returncode == 0, res.stderr
+    loaded = res.stdout.strip().splitlines()[-1]
+    assert "evals.cli.models" in loaded
+    for other in ("evals.cli.run", "evals.cli.perf", "evals.cli.evaluate"):
+        assert other not in loaded, loaded
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of device = \"cuda\" "
@@ -512,85 +548,27 @@ def test_e2e_writes_the_html_report_and_depth_sample(e2e):
 
 
 # --------------------------------------------------------------------------------------------
-# suite progress: status events from the run processes, plain and live views
-
-PHASE_ORDER = ["queued", "data", "training", "validation", "few-shot", "saving", "done"]
-MICRO_EVAL = """
-[eval]
-tasks = ["mor_synth_filler"]
-limit = 4
-batch_size = 8
-"""
-
-
-@pytest.mark.slow
-def test_status_events_plain_output_and_fewshot_items(tmp_path, capfd, write_suite):
-    from evals.suite.runner import SuiteProgress, run_suite
-
-    suite = load_suite(str(write_suite(text=MICRO_SUITE + MICRO_EVAL)))
-    events: list[dict] = []
-    run_dir, records, failed = run_suite(suite, tmp_path / "runs",
-                                         cache_dir=tmp_path / "cache", on_status=events.append)
-    assert failed == []
-    progress = SuiteProgress(live=False)
-    for event in events:
-        progress(event)
-    progress.print_summary(records)
-    out, err = capfd.readouterr()
-
-    run_ids = [r.run_id for r in plan_runs(suite)]
-    for run_id in run_ids:
-        mine = [e for e in events if e["run_id"] == run_id]
-        phases = [p for i, p in enumerate(e["phase"] for e in mine)
-                  if i == 0 or p != mine[i - 1]["phase"]]
-        assert phases == PHASE_ORDER, (run_id, phases)
-        steps = [e["step"] for e in mine if e["phase"] == "training" and "step" in e]
-        total = next(e["total"] for e in mine if e["phase"] == "queued")
-        assert steps[0] == 0 and steps[-1] == total and steps == sorted(steps)
-        done = mine[-1]
-        rec = json.loads((run_dir / run_id / "record.json").read_text())
-        assert done["val_nll"] == rec["metrics"]["val_nll"] and done["wall_s"] > 0
-        assert progress.rows[run_id]["phase"] == "done"
-    # All runs are queued before the first one starts.
-    first_data = next(i for i, e in enumerate(events) if e["phase"] == "data")
-    assert sum(e["phase"] == "queued" for e in events[:first_data]) == len(run_ids)
-
-    # Plain mode: the log lines of before (one per run, steps on stderr), then the summary.
-    for i, run_id in enumerate(run_ids, 1):
-        assert f"[{i}/{len(run_ids)}] {run_id}:" in out
-        total = next(e["total"] for e in events if e["run_id"] == run_id)
-        assert f"{run_id}: step {total}/{total}" in err
-    assert "suite summary" in err and "ok" in err
-    for run_id in run_ids:
-        assert run_id in err.split("suite summary", 1)[1]
-    assert "\x1b[" not in out + err  # no terminal control sequences in a log
-
-    # Per-item few-shot scores, by routing mode, next to each record (not inside it).
-    for run_id in run_ids:
-        items = json.loads((run_dir / run_id / "fewshot_items.json").read_text())
-        rec = json.loads((run_dir / run_id / "record.json").read_text())
-        modes = {"topk", "causal"} if rec["family"] == "mor" else {"default"}
-        assert set(items) == modes
-        for by_task in items.values():
-            assert len(by_task["mor_synth_filler"]) == 4
-            for item in by_task["mor_synth_filler"]:
-                assert {"doc_id", "acc"} <= set(item) and item["acc"] in (0, 1)
-        assert "items" not in json.dumps(rec["metrics"]["fewshot"])
+# suite progress: the live table and the plain log (the events' order is tested in
+# tests/evals/suite/test_events.py)
 
 
 def test_live_progress_table_rows_and_eta():
     from rich.console import Console
 
-    from evals.suite.runner import SuiteProgress
+    from evals.cli.display import SuiteProgress
+    from evals.suite.events import RunEvent
+
+    def ev(run_id: str, phase: str, **fields) -> RunEvent:
+        return RunEvent(run_id, phase, 0.0, **fields)
 
     buf = io.StringIO()
     progress = SuiteProgress(live=False, console=Console(file=buf, width=200))
-    progress({"run_id": "a", "phase": "queued", "total": 100})
-    progress({"run_id": "b", "phase": "queued", "total": 50})
-    progress({"run_id": "a", "phase": "data"})
-    progress({"run_id": "a", "phase": "training", "step": 0, "total": 100})
+    progress(ev("a", "queued", total=100))
+    progress(ev("b", "queued", total=50))
+    progress(ev("a", "data"))
+    progress(ev("a", "training", step=0, total=100))
     progress.rows["a"]["t_train"] -= 10.0  # 10 s of training so far
-    progress({"run_id": "a", "phase": "training", "step": 25, "total": 100, "loss": 2.5})
+    progress(ev("a", "training", step=25, total=100, loss=2.5))
     assert progress.eta(progress.rows["a"]) == pytest.approx(30.0, rel=0.05)
     assert progress.eta(progress.rows["b"]) is None  # queued: no rate yet
     progress.console.print(progress.table())
@@ -598,9 +576,8 @@ def test_live_progress_table_rows_and_eta():
     assert "0/2 runs finished" in text
     assert "training" in text and "25/100" in text and "2.500" in text and "0:30" in text
     assert "queued" in text
-    progress({"run_id": "a", "phase": "done", "val_nll": 1.5, "tokens_per_s": 1000.0,
-              "wall_s": 65.0})
-    progress({"run_id": "b", "phase": "failed", "error": "boom", "wall_s": 1.0})
+    progress(ev("a", "done", val_nll=1.5, tokens_per_s=1000.0, wall_s=65.0))
+    progress(ev("b", "failed", error="boom", wall_s=1.0))
     buf.truncate(0)
     progress.console.print(progress.table())
     assert "2/2 runs finished" in buf.getvalue()
@@ -631,7 +608,7 @@ def test_failed_run_writes_failure_record(tmp_path, write_suite):
     rec = json.loads((run_dir / spec.run_id / "record.json").read_text())
     assert rec["status"] == "failed"
     assert rec["schema"] == SCHEMA and rec["run_id"] == spec.run_id
-    assert "FileNotFoundError" in rec["error"]
+    assert rec["error"].startswith("RecordError:") and "data.json" in rec["error"]
     assert "Traceback" in (run_dir / spec.run_id / "error.txt").read_text()
     assert not (run_dir / spec.run_id / "model.safetensors").exists()
     assert load_records(run_dir)[0]["status"] == "failed"
@@ -641,7 +618,7 @@ def test_failed_run_writes_failure_record(tmp_path, write_suite):
     md = (run_dir / "report.md").read_text()
     assert "## Failed runs" in md
     failed_section = md.split("## Failed runs", 1)[1]
-    assert spec.run_id in failed_section and "FileNotFoundError" in failed_section
+    assert spec.run_id in failed_section and "data.json" in failed_section
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,6 +745,16 @@ def test_e2e_records_routing_fields(e2e):
     assert 0 <= m["val_routing_by_mode"]["topk"]["sampling_acc"] <= 1
     assert vanilla["metrics"]["val_nll_by_routing"] == {}
     assert vanilla["metrics"]["depth_by_mode"] == {}
+
+    # What reports need of the model, written at run time (they never import model code).
+    for rec in (mor, vanilla):
+        cfg = load_checkpoint(e2e.run_dir / rec["run_id"]).cfg
+        seq_len = rec["data"]["seq_len"]
+        assert rec["kv_cache"] == {"seq_len": seq_len, "bytes_per_seq": flops.kv_cache_bytes(
+            cfg, seq_len, batch_size=1)}
+        assert rec["data"]["difficulty_classes"] == list(DIFFICULTY_CLASSES)
+    # MoR caches only the tokens routed to each step: less than vanilla's full cache.
+    assert mor["kv_cache"]["bytes_per_seq"] < vanilla["kv_cache"]["bytes_per_seq"]
 
     val_tokens = m["val_tokens"]
     assert set(m["depth_by_mode"]) == {"topk", "causal"}

@@ -1,17 +1,94 @@
-"""`mor-bench bench-infer`: generation throughput of checkpoints side by side (the engine
-and the measurement live in `evals.perf.generation`; this module parses and displays)."""
+"""`mor-bench peak-flops`, `bench-train` and `bench-infer`: throughput measurements (the
+measurements live in `evals.training.device` and `evals.perf`; this module parses and
+displays)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
 
-from evals.perf.generation import bench_models, load_models
-from evals.suite.spec import SCHEDULER_CHOICES, InferSettings
-from mor.errors import ConfigError
+from evals.cli.display import print_json, rich_table
 
 
-def add_arguments(p) -> None:
+def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
+    if command == "peak-flops":
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        p.add_argument("--size", type=int, default=1024, help="matrix size (default 1024)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    elif command == "bench-train":
+        p.add_argument("--preset", default="small", help="model preset (default small)")
+        p.add_argument("--family", default="vanilla", help="vanilla | recursive | mor")
+        p.add_argument("-n", "--num-recursions", type=int, default=1,
+                       help="N_r (recursive/mor)")
+        p.add_argument("--variant", action="append", default=[],
+                       metavar="KEY=VALUE[,KEY=VALUE]", help="model-config overrides of one "
+                       "variant; repeat to compare variants")
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    elif command == "bench-infer":
+        _bench_infer_arguments(p)
+
+
+def cmd_peak_flops(args: argparse.Namespace) -> int:
+    """Measure the fp32 (CPU) or bf16 (CUDA) square-matmul peak used as MFU denominator."""
+    from evals.training.device import measure_matmul_peak, resolve_device
+    from mor.errors import MorBenchError
+
+    if args.size < 64:
+        raise MorBenchError(f"--size {args.size} is too small to measure a peak; use >= 64")
+    peak = measure_matmul_peak(resolve_device(args.device).type, size=args.size)
+    if args.json:
+        print_json({"device": args.device, "size": args.size, "flops_per_s": peak})
+    else:
+        print(f"{args.device} matmul {args.size}x{args.size}: {peak / 1e9:.1f} GFLOP/s")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Training throughput, FLOPs and MFU of one preset, or of several variants of it timed
+    side by side (interleaved A B A B, medians) on random tokens -- no data needed.
+
+    Variants are KEY=VALUE overrides of the model config, one --variant per model, e.g.
+      mor-bench bench-train --preset small --family mor -n 3 --variant kv=cache --variant kv=share
+    Ratios are to the first variant."""
+    from evals.perf.train_speed import bench_variants, parse_overrides
+    from mor.errors import MorBenchError
+
+    if args.steps < 1:
+        raise MorBenchError(f"--steps {args.steps}: need at least 1 timed step")
+    variants = [parse_overrides(v.split(",")) for v in args.variant] or [{}]
+    res = bench_variants(args.preset, args.family, args.num_recursions, variants,
+                         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+                         device=args.device)
+    if args.json:
+        print_json(res)
+        return 0
+    print(f"{res['preset']} {res['family']} N_r={res['num_recursions']}, seq {res['seq_len']} x "
+          f"batch {res['batch_size']} on {res['device']} ({res['threads']} threads), "
+          f"{res['steps']} timed steps each, matmul peak "
+          f"{res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    rows = [{"variant": r["variant"], "layers": r["layers"],
+             "step (s)": f"{r['median_step_s']:.4f}", "tokens/s": f"{r['tokens_per_s']:,.0f}",
+             "exact FLOPs/tok": f"{r['flops_per_token_exact']:.3g}",
+             "paper FLOPs/tok": f"{r['flops_per_token_paper']:.3g}",
+             "MFU": f"{100 * r['mfu']:.1f}%", "time ratio": f"{r['step_time_ratio']:.3f}",
+             "FLOPs ratio": f"{r['exact_flops_ratio']:.3f}"} for r in res["variants"]]
+    rich_table("training step benchmark", rows, list(rows[0]))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bench-infer
+
+
+def _bench_infer_arguments(p: argparse.ArgumentParser) -> None:
     """The `mor-bench bench-infer` options (defaults: `InferSettings`)."""
+    from evals.suite.spec import SCHEDULER_CHOICES, InferSettings
+
     d = InferSettings()
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="checkpoint directories, or suite run directories (all their runs)")
@@ -49,7 +126,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def settings_from_args(args) -> InferSettings:
+def settings_from_args(args):
+    """The `InferSettings` of a `mor-bench bench-infer` command line."""
+    from evals.suite.spec import InferSettings
+    from mor.errors import ConfigError
+
     batch: int | str = args.batch_size
     if batch != "max":
         try:
@@ -95,10 +176,7 @@ def cmd_bench_infer(args) -> int:
 
       mor-bench bench-infer runs/smoke-latest
       mor-bench bench-infer runs/smoke-latest --batch-size max --scheduler both --profile"""
-    import json
-    import sys
-
-    from evals.cli.display import rich_table
+    from evals.perf.generation import bench_models, load_models
 
     settings = settings_from_args(args)
     models = load_models(args.checkpoints)
@@ -107,7 +185,7 @@ def cmd_bench_infer(args) -> int:
         f"~{settings.gen_mean:g} tokens, {settings.repeats} interleaved round(s)")
     res = bench_models(models, settings, log=log, profile=args.profile)
     if args.json:
-        print(json.dumps(res, indent=2, default=str))
+        print_json(res)
         return 0
     budget = (f", memory budget {res['budget_bytes'] / 2**20:.1f} MiB"
               if res["budget_bytes"] else "")
@@ -123,5 +201,3 @@ def cmd_bench_infer(args) -> int:
             print(f"  {r['model']} ({r['scheduler']}), last round: {parts}, "
                   f"scheduling/other {rest:.2f}s")
     return 0
-
-
