@@ -84,3 +84,15 @@ def micro_suite_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("micro-suite") / "suite.toml"
     path.write_text(MICRO_SUITE)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: fp32 reductions happen in one fixed order, and
+    tiny ops on 2 busy cores are far faster than with OpenMP spinning over more."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -86,8 +86,8 @@ def interleaved_train_speed(models: dict[str, torch.nn.Module], windows: torch.T
     Returns {"rounds", "steps_per_round", "tokens_per_step", "reference", "rows": {name:
     {"tokens_per_s", "step_s", "round_s", "rel_tokens_per_s"}}}: `round_s` the seconds of
     each round's steps, `step_s` = median(round_s) / steps_per_round, `tokens_per_s` =
-    tokens_per_step / step_s, `rel_tokens_per_s` = tokens_per_s / the reference's (None
-    without a reference)."""
+    tokens_per_step / step_s, `rel_tokens_per_s` = the median over rounds of the reference's
+    round time / this model's round time (paired by round; None without a reference)."""
     if not models:
         raise ConfigError("interleaved_train_speed needs at least one model")
     for name, v in (("rounds", rounds), ("steps_per_round", steps_per_round)):
@@ -133,9 +133,13 @@ def interleaved_train_speed(models: dict[str, torch.nn.Module], windows: torch.T
         rows[name] = {"tokens_per_s": tokens_per_step / step_s, "step_s": step_s,
                       "round_s": times, "rel_tokens_per_s": None}
     if reference is not None:
-        ref = rows[reference]["tokens_per_s"]
-        for row in rows.values():
-            row["rel_tokens_per_s"] = row["tokens_per_s"] / ref
+        # Paired by round: a model and the reference ran back to back in the same round, so
+        # their time ratio cancels load that changes between rounds; the median over rounds
+        # then drops a round a neighbour disturbed for one of them only.
+        ref_s = round_s[reference]
+        for name, row in rows.items():
+            row["rel_tokens_per_s"] = statistics.median(
+                a / b for a, b in zip(ref_s, round_s[name], strict=True))
     return {"rounds": rounds, "steps_per_round": steps_per_round,
             "tokens_per_step": tokens_per_step, "rows": rows, "reference": reference}
 
@@ -188,7 +192,7 @@ def bench_variants(preset: str, family: str = "vanilla", num_recursions: int = 1
             "mfu": achieved / peak,
         })
     for row in rows:
-        row["step_time_ratio"] = row["median_step_s"] / rows[0]["median_step_s"]
+        row["step_time_ratio"] = 1 / row["rel_tokens_per_s"]  # paired by round, as rel
         row["exact_flops_ratio"] = row["flops_per_token_exact"] / rows[0]["flops_per_token_exact"]
     return {
         "preset": preset, "family": family, "num_recursions": num_recursions,

@@ -166,6 +166,22 @@ def _phase_main(phase: str, run_dir: str, args: tuple, log_queue) -> None:
         log_queue.join_thread()  # every line reaches the parent before exit
 
 
+def relay(q, proc, emit: Callable[[Any], None]) -> None:
+    """Pass what a child process puts on queue `q` to `emit` until the process exits, then
+    whatever arrived between the last read and the exit."""
+    while True:
+        try:
+            emit(q.get(timeout=0.2))
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                break
+    while True:
+        try:
+            emit(q.get_nowait())
+        except queue_mod.Empty:
+            return
+
+
 def run_phase(phase: str, run_dir: str | Path, args: tuple, on_log: Log | None = None
               ) -> bool:
     """Run `phase` ("infer": args (InferSettings,); "speed": args (SpeedSettings, train
@@ -180,17 +196,7 @@ def run_phase(phase: str, run_dir: str | Path, args: tuple, on_log: Log | None =
                        name=f"mor-bench-{phase}")
     proc.start()
     try:
-        while True:
-            try:
-                on_log(log_queue.get(timeout=0.2))
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    break
-        while True:  # whatever arrived between the last get and the exit
-            try:
-                on_log(log_queue.get_nowait())
-            except queue_mod.Empty:
-                break
+        relay(log_queue, proc, on_log)
         proc.join()
     finally:
         if proc.is_alive():  # interrupted: no orphan process

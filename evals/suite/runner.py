@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
-import queue as queue_mod
 import secrets
 import signal
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from evals.suite.events import PHASES, OnEvent, RunEvent, SuiteEvent, ignore
+from evals.suite.phases import relay
 from evals.suite.record import (
     DEPTH_SAMPLE,
     FEWSHOT_ITEMS,
@@ -522,7 +522,7 @@ def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, suit
                            args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live))
         proc.start()
         try:
-            _relay(status_queue, proc, emit)
+            relay(status_queue, proc, emit)
             proc.join()
         finally:
             if proc.is_alive():  # interrupted (Ctrl-C, an error in the view): no orphans
@@ -548,21 +548,6 @@ def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, suit
     suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
                 seconds=time.perf_counter() - t0)
     return records, failed
-
-
-def _relay(status_queue, proc, emit) -> None:
-    """Pass a run process's status events on until it exits, then the last ones."""
-    while True:
-        try:
-            emit(status_queue.get(timeout=0.2))
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                break
-    while True:  # whatever arrived between the last get and the exit
-        try:
-            emit(status_queue.get_nowait())
-        except queue_mod.Empty:
-            return
 
 
 def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:

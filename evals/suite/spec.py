@@ -41,6 +41,19 @@ BATCH_MODES = ("max",)
 SCHEDULER_CHOICES = ("auto", "sequence", "depth", "both")
 
 
+def _settings_from_dict(cls, data: dict[str, Any], where: str, kind: str):
+    """A settings table of a suite file: unknown keys named, field errors prefixed."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}unknown {kind} setting(s) {unknown}; known: "
+                          f"{', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+
+
 @dataclass(frozen=True)
 class InferSettings:
     """The benchmark's settings; a suite's [infer] table holds any of these fields."""
@@ -111,15 +124,7 @@ class InferSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> InferSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where}unknown infer setting(s) {unknown}; known: "
-                              f"{', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except ConfigError as e:
-            raise ConfigError(f"{where}{e}") from None
+        return _settings_from_dict(cls, data, where, "infer")
 
 
 @dataclass(frozen=True)
@@ -145,15 +150,7 @@ class SpeedSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> SpeedSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where}unknown speed setting(s) {unknown}; known: "
-                              f"{', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except ConfigError as e:
-            raise ConfigError(f"{where}{e}") from None
+        return _settings_from_dict(cls, data, where, "speed")
 
 
 @dataclass(frozen=True)

@@ -378,15 +378,6 @@ def test_bench_train_rejects_no_timed_steps(capsys, steps):
     assert_one_line_error(err, f"--steps {steps}")
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny ops on 2 busy cores are far slower with more (OpenMP spin)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_bench_train_json(capsys, monkeypatch, one_thread):
     import evals.perf.train_speed
     from evals.training.device import measure_matmul_peak

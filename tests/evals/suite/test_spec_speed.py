@@ -41,7 +41,9 @@ def test_speed_must_be_a_table():
 
 @pytest.mark.parametrize("name", ["smoke", "infer-cpu"])
 def test_builtin_suites_measure_training_speed(name):
-    assert load_suite(name).speed == SpeedSettings()
+    speed = load_suite(name).speed
+    assert isinstance(speed, SpeedSettings)
+    assert speed.rounds >= 3 and speed.steps_per_round >= 3  # a median of enough rounds
 
 
 def test_speed_reference_is_the_vanilla_run_of_the_same_seed():

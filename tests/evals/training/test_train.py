@@ -47,15 +47,6 @@ def _assert_close(actual, expected, name: str, **tol) -> None:
     torch.testing.assert_close(actual, expected, msg=lambda m: f"{name}: {m}", **tol)
 
 
-@pytest.fixture
-def single_thread():
-    """One intra-op thread, so fp32 reductions happen in one fixed order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------
 # Budget and plan_training
 
@@ -369,7 +360,7 @@ def _golden_losses(name: str, micro_data) -> list[float]:
     return [c["loss"] for c in result.loss_curve]
 
 
-def test_golden_losses(micro_data, single_thread):
+def test_golden_losses(micro_data, one_thread):
     losses = {name: _golden_losses(name, micro_data) for name in GOLDEN_MODELS}
     if UPDATE_GOLDEN:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +388,7 @@ def test_golden_losses(micro_data, single_thread):
         assert curve[-1] < curve[0] - 0.5, name
 
 
-def test_training_is_bit_identical_in_process(micro_data, single_thread):
+def test_training_is_bit_identical_in_process(micro_data, one_thread):
     for name in GOLDEN_MODELS:
         assert _golden_losses(name, micro_data) == _golden_losses(name, micro_data), name
 
@@ -505,7 +496,7 @@ def test_cpu_peak_memory_falls_back_to_max_rss(monkeypatch):
 
 
 @needs_proc
-def test_train_records_cpu_peak_kind(micro_data, single_thread):
+def test_train_records_cpu_peak_kind(micro_data, one_thread):
     cfg = _micro()
     plan = plan_training(cfg, Budget(tokens=2 * 4 * SEQ_LEN), SEQ_LEN, 4)
     res = train(_build(cfg), iterate_batches(micro_data.train.windows, 4, seed=0), plan,
