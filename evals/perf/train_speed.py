@@ -68,6 +68,12 @@ def _micro_batches(windows: torch.Tensor, tcfg: TrainConfig, n_steps: int,
     return steps
 
 
+def paired_speed_ratio(reference_round_s: list[float], round_s: list[float]) -> float:
+    """Throughput of a model relative to a reference measured in the same interleaved
+    rounds: the median over rounds of reference time / model time (equal work per round)."""
+    return statistics.median(a / b for a, b in zip(reference_round_s, round_s, strict=True))
+
+
 def interleaved_train_speed(models: dict[str, torch.nn.Module], windows: torch.Tensor,
                             tcfg: TrainConfig, *, rounds: int = 3, steps_per_round: int = 3,
                             warmup_steps: int = 1, reference: str | None = None,
@@ -136,10 +142,8 @@ def interleaved_train_speed(models: dict[str, torch.nn.Module], windows: torch.T
         # Paired by round: a model and the reference ran back to back in the same round, so
         # their time ratio cancels load that changes between rounds; the median over rounds
         # then drops a round a neighbour disturbed for one of them only.
-        ref_s = round_s[reference]
         for name, row in rows.items():
-            row["rel_tokens_per_s"] = statistics.median(
-                a / b for a, b in zip(ref_s, round_s[name], strict=True))
+            row["rel_tokens_per_s"] = paired_speed_ratio(round_s[reference], round_s[name])
     return {"rounds": rounds, "steps_per_round": steps_per_round,
             "tokens_per_step": tokens_per_step, "rows": rows, "reference": reference}
 

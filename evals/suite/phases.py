@@ -106,7 +106,7 @@ def speed_phase(run_dir: str | Path, settings: SpeedSettings, train_cfg: dict[st
     import numpy as np
     import torch
 
-    from evals.perf.train_speed import interleaved_train_speed
+    from evals.perf.train_speed import interleaved_train_speed, paired_speed_ratio
     from evals.training.loop import TrainConfig
     from mor.checkpoint import load_checkpoint
 
@@ -131,10 +131,10 @@ def speed_phase(run_dir: str | Path, settings: SpeedSettings, train_cfg: dict[st
     rows = res["rows"]
     for run_id, row in rows.items():
         ref = refs.get(run_id)
-        ref_tps = rows[ref]["tokens_per_s"] if ref in rows else None
-        entry = {"tokens_per_s": row["tokens_per_s"],
-                 "rel_tokens_per_s": row["tokens_per_s"] / ref_tps if ref_tps else None,
-                 "reference": ref if ref_tps else None,
+        rel = (paired_speed_ratio(rows[ref]["round_s"], row["round_s"]) if ref in rows
+               else None)
+        entry = {"tokens_per_s": row["tokens_per_s"], "rel_tokens_per_s": rel,
+                 "reference": ref if rel is not None else None,
                  "rounds": res["rounds"], "steps_per_round": res["steps_per_round"],
                  "tokens_per_step": res["tokens_per_step"]}
         _update_record(run_dir, run_id, "speed", entry)

@@ -4,11 +4,14 @@ interleaved (the suite's [speed] phase), so load slows every model alike."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from evals.perf.train_speed import paired_speed_ratio
+from evals.suite.record import SPEED_FILE
 from evals.suite.runner import run_suite
 from evals.suite.spec import parse_suite
 from reports.gate import check_run, write_baseline
@@ -40,6 +43,12 @@ def test_gate_passes_an_unchanged_commit_beside_a_cpu_hog(tmp_path):
         hog.wait()
     assert failed == []
     assert all(r["metrics"]["speed"]["reference"] == "vanilla-1024T-s0" for r in records)
+    # Each record's ratio is the one speed.json's rounds give, paired by round.
+    rounds = {k: v["round_s"] for k, v in
+              json.loads((busy_dir / SPEED_FILE).read_text())["rows"].items()}
+    for r in records:
+        assert r["metrics"]["speed"]["rel_tokens_per_s"] == pytest.approx(
+            paired_speed_ratio(rounds["vanilla-1024T-s0"], rounds[r["run_id"]]))
 
     result = check_run(busy_dir, baseline)
     bad = [r for r in result["rows"] if r["verdict"] in ("regression", "missing", "failed")]
