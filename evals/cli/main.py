@@ -33,7 +33,7 @@ from evals.cli.errors import UsageError
 from evals.suite.record import RecordError
 
 EXAMPLES = """examples:
-  mor-bench run smoke                      # the built-in CPU suite (~4 min on 2 cores)
+  mor-bench run smoke                      # the built-in CPU suite (4-10 min, 2 cores)
   mor-bench run paper-360m --dry-run       # plan the paper's Table 3 models, no training
   mor-bench run my_suite.toml --corpus ../shared/data/corpus/prose_en.jsonl.gz
   mor-bench report runs/smoke-latest --screenshot   # index.html (+ report.png)
