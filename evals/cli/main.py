@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `mor-bench models --json | head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit flush
         return 0
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise  # a bug: the full traceback
+    except _user_errors() as e:  # anything else is a bug: its full traceback
         print(f"mor-bench: error: {e}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,7 @@ from evals.suite.record import (
     SPEED_FILE,
     failed_record,
     read_json,
+    utc_now,
     write_json_atomic,
 )
 from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table
@@ -58,10 +59,6 @@ from evals.training.budget import plan_training
 from mor.errors import ConfigError
 
 DEFAULT_CACHE = Path(os.environ.get("MOR_BENCH_CACHE", Path.home() / ".cache" / "mor-bench"))
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def make_run_dir(out_root: Path, suite_name: str) -> Path:
@@ -181,7 +178,7 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
 
     status = status or EventSender(spec.run_id)
     status.phase("data")
-    started = _utc_now()
+    started = utc_now()
     tcfg = TrainConfig(**train_cfg)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -261,7 +258,7 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
                                                            batch_size=1)},
         "metrics": metrics, "loss_curve": result.loss_curve,
         "peak_flops_per_s": peak_flops, "device": str(device),
-        "checkpoint": str(out_dir), "started_at": started, "finished_at": _utc_now(),
+        "checkpoint": str(out_dir), "started_at": started, "finished_at": utc_now(),
         "provenance": provenance(),
     }
     write_json_atomic(out_dir / RECORD, record)
