@@ -554,7 +554,8 @@ def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:
         return spec
     cfg = spec.config.replace(vocab_size=vocab_size)
     t = suite.train
-    plan = plan_training(cfg, spec.budget, suite.data.seq_len, t.batch_size, t.grad_accum)
+    plan = plan_training(cfg, spec.budget, suite.data.seq_len, t.batch_size, t.grad_accum,
+                         spec.plan.world_size, spec.plan.step_rule)
     return dataclasses.replace(spec, config=cfg, plan=plan)
 
 

@@ -425,15 +425,16 @@ def parse_suite(text: str, source: str) -> Suite:
                  evaluation=evaluation, infer=infer, speed=speed)
 
 
-def plan_runs(suite: Suite) -> list[RunSpec]:
-    """Every (model, budget, seed) run with its planned length; raises before any compute
-    if a budget cannot fund a single step."""
+def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
+    """Every (model, budget, seed) run with its planned length (from the global batch over
+    `world_size` data-parallel processes); raises before any compute if a budget cannot
+    fund a single step."""
     runs: list[RunSpec] = []
     t = suite.train
     for m in suite.models:
         try:
-            plans = [plan_training(m.config, b, suite.data.seq_len, t.batch_size, t.grad_accum)
-                     for b in m.budgets]
+            plans = [plan_training(m.config, b, suite.data.seq_len, t.batch_size, t.grad_accum,
+                                   world_size, t.step_rule) for b in m.budgets]
         except ConfigError as e:
             raise ConfigError(f"{suite.source}: model {m.name!r}: {e}") from None
         # The paper warms up over 5% of the smallest budget's steps, for every budget.
@@ -467,6 +468,7 @@ def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:
             "budget_kind": r.budget.kind, "budget": r.budget.value,
             "tokens": r.plan.tokens, "steps": r.plan.steps,
             "batch_tokens": r.plan.tokens_per_step, "flops_used": r.plan.flops_used,
+            "world_size": r.plan.world_size, "step_rule": r.plan.step_rule,
             "warmup_steps": r.warmup_steps, "seed": r.seed,
         })
     return rows

@@ -46,25 +46,39 @@ class Budget:
         return f"{self.value:.6g}".replace("+", "") + ("F" if self.kind == "flops" else "T")
 
 
+STEP_RULES = ("floor",)
+"""How a budget becomes a step count (`plan_training`): "floor" (mor-bench's rule: whole
+steps, rounded down so a run never exceeds its budget)."""
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     steps: int
     tokens_per_step: int
+    """GLOBAL tokens per optimizer step: batch_size x grad_accum x world_size x seq_len."""
     tokens: int
     flops_per_token: float         # forward, paper convention
     flops_per_token_exact: float   # forward, exact convention
     flops_used: float              # tokens * flops_per_token (the budget the run spends)
+    world_size: int = 1            # data-parallel processes the global batch is split over
+    step_rule: str = "floor"       # STEP_RULES: how the budget became `steps`
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def plan_training(cfg: ModelConfig, budget: Budget, seq_len: int, batch_size: int,
-                  grad_accum: int = 1) -> TrainPlan:
+                  grad_accum: int = 1, world_size: int = 1, rule: str = "floor") -> TrainPlan:
+    """The run's length. `batch_size` is per process and micro-batch; the step count comes
+    from the GLOBAL batch (batch_size x grad_accum x world_size sequences)."""
+    if rule not in STEP_RULES:
+        raise ConfigError(f"step_rule: must be one of {', '.join(STEP_RULES)}, got {rule!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size: must be a positive integer, got {world_size!r}")
     if seq_len > cfg.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len="
                           f"{cfg.max_seq_len}; lower seq_len or override max_seq_len")
-    tokens_per_step = batch_size * seq_len * grad_accum
+    tokens_per_step = batch_size * seq_len * grad_accum * world_size
     fpt = flops.flops_per_token(cfg, seq_len, "paper")
     if budget.flops is not None:
         target_tokens = budget.flops / fpt
@@ -79,7 +93,7 @@ def plan_training(cfg: ModelConfig, budget: Budget, seq_len: int, batch_size: in
     return TrainPlan(
         steps=steps, tokens_per_step=tokens_per_step, tokens=tokens, flops_per_token=fpt,
         flops_per_token_exact=flops.flops_per_token(cfg, seq_len, "exact"),
-        flops_used=tokens * fpt,
+        flops_used=tokens * fpt, world_size=world_size, step_rule=rule,
     )
 
 

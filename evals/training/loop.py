@@ -57,6 +57,24 @@ class TrainConfig:
     """"auto" (CUDA if available, else CPU), "cpu" or "cuda"."""
     threads: int | None = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    parallel: str = "ddp"
+    """Under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`,
+    per unique block; shared blocks are one unit with the root). Ignored in one process."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGTERM /
+    SIGINT)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept per run (the newest K)."""
+    compile: bool = False
+    """`torch.compile` the model for training."""
+    deterministic: bool = False
+    """`torch.use_deterministic_algorithms(True)` (slower on CUDA; recorded)."""
+    step_rule: str = "floor"
+    """How a budget becomes a step count (`evals.training.budget.STEP_RULES`)."""
+    tensorboard: bool = True
+    """Stream metrics to TensorBoard event files under the run directory."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (needs `wandb` installed)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every", "val_batch_size"):
@@ -69,6 +87,20 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise ConfigError(f"train field '{name}': must be in [0, 1), got {v}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"train field 'checkpoint_every': must be an integer >= 0, got "
+                              f"{self.checkpoint_every!r}")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise ConfigError(f"train field 'keep_checkpoints': must be an integer >= 1, got "
+                              f"{self.keep_checkpoints!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train field 'parallel': must be \"ddp\" or \"fsdp\", got "
+                              f"{self.parallel!r}")
+        from evals.training.budget import STEP_RULES
+
+        if self.step_rule not in STEP_RULES:
+            raise ConfigError(f"train field 'step_rule': must be one of "
+                              f"{', '.join(STEP_RULES)}, got {self.step_rule!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train field 'device': must be auto, cpu or cuda, got "
                               f"{self.device!r}")
