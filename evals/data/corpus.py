@@ -438,29 +438,74 @@ def prepare_data(spec: DataSpec, cache_dir: Path) -> PreparedData:
 
 
 def iterate_batches(
-    windows: torch.Tensor, batch_size: int, seed: int
+    windows: torch.Tensor, batch_size: int, seed: int, *, start: int = 0, rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y) = (w[:, :-1], w[:, 1:])`` batches forever, deterministically for ``seed``.
 
     Epoch ``e`` visits the windows in the order of a permutation drawn from
-    ``torch.Generator().manual_seed(seed * 1_000_003 + e)``. Batches are consecutive slices of the
-    concatenated epoch orders, so every batch is full and no window is skipped (a batch may
-    straddle two epochs, and with fewer windows than ``batch_size`` it spans several).
+    ``torch.Generator().manual_seed(seed * 1_000_003 + e)``. GLOBAL batches of
+    ``batch_size * world_size`` windows are consecutive slices of the concatenated epoch
+    orders, so every batch is full and no window is skipped (a batch may straddle two
+    epochs, and with fewer windows than a batch it spans several).
+
+    Data parallelism: process ``rank`` of ``world_size`` takes rows ``rank * batch_size``
+    to ``(rank + 1) * batch_size`` of every global batch -- disjoint shards whose union is
+    exactly what one process with the global batch reads. ``start`` skips that many global
+    batches (a resumed run's data position); skipping costs index arithmetic only.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    if start < 0:
+        raise DataError(f"start must be >= 0, got {start}")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise DataError(
             f"need a non-empty [N, seq_len+1] tensor of windows, got shape {tuple(windows.shape)}"
         )
-    for batch in _batched(_epoch_indices(windows.shape[0], seed), batch_size):
+    global_batch = batch_size * world_size
+    n = windows.shape[0]
+    skip = start * global_batch
+    epoch, offset = divmod(skip, n)
+    indices = itertools.islice(_epoch_indices(n, seed, first_epoch=epoch), offset, None)
+    for batch in _batched(indices, global_batch):
+        mine = batch[rank * batch_size:(rank + 1) * batch_size]
         # Windows may be stored compactly (uint16/int32); models take int64 ids.
-        w = windows[torch.tensor(batch, dtype=torch.long)].long()
+        w = windows[torch.tensor(mine, dtype=torch.long)].long()
         yield w[:, :-1], w[:, 1:]
 
 
-def _epoch_indices(n: int, seed: int) -> Iterator[int]:
-    for epoch in itertools.count():
+@dataclass(frozen=True)
+class Batches:
+    """`iterate_batches` as a function of the start position (global micro-batches
+    already consumed): what `evals.training.loop.train` needs to resume a run."""
+
+    windows: torch.Tensor
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.windows.shape[0])
+
+    def __call__(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iterate_batches(self.windows, self.batch_size, self.seed, start=start,
+                               rank=self.rank, world_size=self.world_size)
+
+
+def data_position(n_windows: int, batch_size: int, world_size: int, consumed: int) -> dict:
+    """Where `consumed` global batches leave the window order: for checkpoints and
+    records (which windows of which epoch come next)."""
+    epoch, offset = divmod(consumed * batch_size * world_size, n_windows)
+    return {"global_batches": consumed, "epoch": epoch, "window_offset": offset,
+            "windows_per_global_batch": batch_size * world_size}
+
+
+def _epoch_indices(n: int, seed: int, first_epoch: int = 0) -> Iterator[int]:
+    for epoch in itertools.count(first_epoch):
         # seed * a large prime + epoch: seed s's epoch 1 is not seed s+1's epoch 0.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         yield from torch.randperm(n, generator=gen).tolist()

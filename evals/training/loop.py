@@ -21,14 +21,26 @@ import math
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from evals.data.corpus import data_position
 from evals.training.budget import TrainPlan, wsd_lr
+from evals.training.distributed import (
+    SINGLE,
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean_,
+    any_rank,
+    no_sync,
+    wrap_model,
+)
 from mor.errors import ConfigError
 from mor.model import CausalLM
 
@@ -129,6 +141,9 @@ class TrainResult:
     final_train_loss: float
     loss_curve: list[dict] = field(default_factory=list)
     routing: dict[str, float] = field(default_factory=dict)
+    resumed: list[dict] = field(default_factory=list)
+    """One entry per resume: the step it continued from and the checkpoint used. Timing
+    figures exclude the work lost between that checkpoint and the kill."""
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -161,11 +176,14 @@ class StepResult:
     step: int
     lr: float
     loss: Tensor
-    """Mean LM loss over the step's micro-batches (0-dim, detached)."""
+    """Mean LM loss over the step's micro-batches -- and over all ranks (0-dim, detached)."""
     stats_sum: dict[str, Tensor]
-    """Routing statistics summed over the micro-batches that reported them."""
+    """Routing statistics summed over the micro-batches that reported them (averaged over
+    ranks: a rank's sum over its micro-batches, mean over ranks)."""
     stats_count: dict[str, int]
     """How many micro-batches reported each statistic."""
+    grad_norm: Tensor | None = None
+    """The gradient's global L2 norm before clipping (0-dim)."""
 
     @property
     def stats(self) -> dict[str, Tensor]:
@@ -178,29 +196,36 @@ class TrainStep:
     """One optimizer step exactly as suites train: `grad_accum` micro-batches, each loss
     (LM + router aux) divided by `grad_accum`, the warmup-stable-decay LR of
     docs/protocol.md §5, gradient clipping, AdamW, then ONE `model.after_optimizer_step`
-    with the statistics of the whole step (all micro-batches; e.g. loss-free balancing's
-    bias moves on the step's loads). `train` uses it; `mor-bench bench-train` and
-    `evals.perf.train_speed.interleaved_train_speed` time it.
+    with the statistics of the whole step (all micro-batches of all ranks; e.g. loss-free
+    balancing's bias moves on the step's loads, identically on every rank). `train` uses
+    it; `mor-bench bench-train` and `evals.perf.train_speed.interleaved_train_speed` time it.
+
+    Data-parallel (`info` of a process group, `module` the DDP/FSDP2 wrapper of `model`):
+    gradients are reduced on the last micro-batch only, and the step's loss and routing
+    statistics are averaged over ranks in one all-reduce.
 
     Calling it runs step `step` (0-based) on `micro`, a list of (x, y) tensors (moved to the
     device inside, so the copy counts as part of the step); `timed` also returns the wall
     time, synchronising CUDA before and after."""
 
     def __init__(self, model: CausalLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig,
-                 *, total_steps: int, warmup_steps: int, device: torch.device) -> None:
+                 *, total_steps: int, warmup_steps: int, device: torch.device,
+                 module: torch.nn.Module | None = None, info: DistInfo = SINGLE) -> None:
         self.model = model
+        self.module = module if module is not None else model
         self.optimizer = optimizer
         self.tcfg = tcfg
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.device = device
+        self.info = info
 
     def lr(self, step: int) -> float:
         return wsd_lr(step, peak_lr=self.tcfg.lr, total_steps=self.total_steps,
                       warmup_steps=self.warmup_steps, decay_frac=self.tcfg.decay_frac)
 
     def __call__(self, step: int, micro: list[tuple[Tensor, Tensor]]) -> StepResult:
-        tcfg, model, device = self.tcfg, self.model, self.device
+        tcfg, module, device = self.tcfg, self.module, self.device
         if len(micro) != tcfg.grad_accum:
             raise ValueError(f"a step takes grad_accum={tcfg.grad_accum} micro-batches, got "
                              f"{len(micro)}")
@@ -211,24 +236,35 @@ class TrainStep:
         loss_sum = torch.zeros((), device=device)
         stats_sum: dict[str, Tensor] = {}
         stats_count: dict[str, int] = {}
-        for x, y in micro:
+        for i, (x, y) in enumerate(micro):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                out = model(x, y, step=step)  # the step drives MoR capacity warm-up
-            # Dividing the whole loss (LM + router aux) by grad_accum keeps the aux weight
-            # independent of the accumulation count.
-            (out.loss / tcfg.grad_accum).backward()
+            last = i == len(micro) - 1
+            with no_sync(module, self.info.active and not last):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    out = module(x, y, step=step)  # the step drives MoR capacity warm-up
+                # Dividing the whole loss (LM + router aux) by grad_accum keeps the aux
+                # weight independent of the accumulation count.
+                (out.loss / tcfg.grad_accum).backward()
             loss_sum += out.lm_loss.detach()
             for k, v in out.stats.items():
                 v = torch.as_tensor(v).detach().float().to(device)
                 stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
                 stats_count[k] = stats_count.get(k, 0) + 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        if self.info.active:  # one all-reduce: the loss and every statistic, mean of ranks
+            keys = sorted(stats_sum)
+            packed = torch.stack([loss_sum, *(stats_sum[k] for k in keys)])
+            all_reduce_mean_(self.info, packed)
+            loss_sum = packed[0]
+            stats_sum = {k: packed[j + 1] for j, k in enumerate(keys)}
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), tcfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         res = StepResult(step=step, lr=lr, loss=loss_sum / tcfg.grad_accum,
-                         stats_sum=stats_sum, stats_count=stats_count)
-        model.after_optimizer_step(res.stats)  # e.g. loss-free balancing's bias update
+                         stats_sum=stats_sum, stats_count=stats_count,
+                         grad_norm=grad_norm.detach())
+        self.model.after_optimizer_step(res.stats)  # e.g. loss-free balancing's bias update
         return res
 
     def timed(self, step: int, micro: list[tuple[Tensor, Tensor]]) -> tuple[StepResult, float]:
@@ -242,52 +278,177 @@ class TrainStep:
         return res, time.perf_counter() - t0
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN/inf. `diagnostics`: the last finite step and loss, the LR, the
+    gradient-norm history and the step's routing statistics (the run's failure record
+    keeps them)."""
+
+    def __init__(self, message: str, diagnostics: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.diagnostics = diagnostics
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop was requested (SIGTERM / SIGINT); the state of `step` was checkpointed."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """Out of memory in a training step; the message names the batch and the fix."""
+
+
+GRAD_NORM_HISTORY = 100
+
+
 def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
           warmup_steps: int, device: torch.device,
-          on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
-    """Run `plan.steps` optimizer steps (`TrainStep`) over `batches` (an iterator of (x, y)
-    CPU tensors).
+          on_step: Callable[[int, float, float], None] | None = None,
+          info: DistInfo = SINGLE, checkpoint_dir: Path | None = None,
+          should_stop: Callable[[], bool] | None = None, tracker=None,
+          on_warning: Callable[[str], None] | None = None) -> TrainResult:
+    """Run `plan.steps` optimizer steps (`TrainStep`) over `batches`: an iterator of (x, y)
+    CPU tensors, or a function `start -> iterator` that starts after `start` global
+    micro-batches (needed to resume).
 
     `on_step(step, loss, lr)` is called after every step (progress display).
     `TrainResult.routing` is the mean of every routing statistic over ALL micro-batches of
-    all steps (each micro-batch weighted alike; they are equal-size)."""
-    model.to(device).train()
+    all steps (each micro-batch weighted alike; they are equal-size).
+
+    Under a process group (`info`) the model is wrapped (`[train] parallel`). With a
+    `checkpoint_dir` the run resumes from its newest valid checkpoint there, saves one every
+    `checkpoint_every` steps, and -- when `should_stop()` turns true on any rank -- saves and
+    raises `TrainingInterrupted`. A NaN/inf loss raises `TrainingDiverged`; out of memory
+    raises `TrainingOutOfMemory`. `tracker.log(step, metrics)` receives the logged points."""
+    from evals.training import checkpointing as ckpt
+
+    module = wrap_model(model, tcfg.parallel, info, device)
+    model.train()
+    if tcfg.compile:
+        from evals.training.device import compile_model
+
+        module = compile_model(module, device)
     opt = make_optimizer(model, tcfg, device)
     trainer = TrainStep(model, opt, tcfg, total_steps=plan.steps, warmup_steps=warmup_steps,
-                        device=device)
+                        device=device, module=module, info=info)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     curve: list[dict] = []
     routing_sums: dict[str, Tensor] = {}
     routing_n: dict[str, int] = {}
+    grad_norms: deque[tuple[int, Tensor]] = deque(maxlen=GRAD_NORM_HISTORY)
     train_time = 0.0
     loss_val = math.nan
     tokens = 0
-    for step in range(plan.steps):
-        micro = [next(batches) for _ in range(tcfg.grad_accum)]  # data loading is not timed
-        res, dt = trainer.timed(step, micro)
+    start = 0
+    resumed: list[dict] = []
+    last_finite = {"step": None, "loss": None}
+    state = None
+    if checkpoint_dir is not None:
+        state = ckpt.load_latest(checkpoint_dir, module=module, optimizer=opt, info=info,
+                                 warn=on_warning or (lambda msg: None))
+    if state is not None:
+        if (state["plan"]["steps"], state["plan"]["world_size"]) != (plan.steps,
+                                                                      plan.world_size):
+            raise ConfigError(f"checkpoint {state['checkpoint_dir']} was saved by a run of "
+                              f"{state['plan']['steps']} steps on {state['plan']['world_size']}"
+                              f" process(es); this run plans {plan.steps} on "
+                              f"{plan.world_size}: relaunch with the original world size")
+        start, tokens, train_time = state["step"], state["tokens"], state["train_time_s"]
+        curve = state["loss_curve"]
+        routing_sums = {k: torch.tensor(v, dtype=torch.float32, device=device)
+                        for k, v in state["routing_sums"].items()}
+        routing_n = dict(state["routing_n"])
+        grad_norms.extend((s, torch.tensor(v)) for s, v in state["grad_norms"])
+        last_finite = state["last_finite"]
+        loss_val = state["loss"]
+        resumed = [*state["resumed"], {"from_step": start,
+                                       "checkpoint": Path(state["checkpoint_dir"]).name}]
+    micro_per_step = tcfg.grad_accum
+    it = batches(start * micro_per_step) if callable(batches) else batches
+    if not callable(batches) and start:
+        raise ValueError("resuming needs `batches` as a function of the start position")
+
+    def snapshot(next_step: int) -> dict[str, Any]:
+        n_windows = getattr(batches, "n_windows", None)
+        return {
+            "step": next_step, "tokens": tokens, "train_time_s": train_time,
+            "loss": loss_val, "loss_curve": curve, "last_finite": last_finite,
+            "routing_sums": {k: float(v) for k, v in routing_sums.items()},
+            "routing_n": routing_n,
+            "grad_norms": [(s, float(v)) for s, v in grad_norms],
+            "resumed": resumed,
+            "plan": {"steps": plan.steps, "world_size": plan.world_size,
+                     "tokens_per_step": plan.tokens_per_step},
+            "data": ({"global_micro_batches": next_step * micro_per_step}
+                     if n_windows is None else data_position(
+                         n_windows, tcfg.batch_size, plan.world_size,
+                         next_step * micro_per_step)),
+        }
+
+    def save(next_step: int) -> Path:
+        return ckpt.save(checkpoint_dir, next_step, module=module, optimizer=opt,
+                         state=snapshot(next_step), info=info, keep=tcfg.keep_checkpoints)
+
+    for step in range(start, plan.steps):
+        micro = [next(it) for _ in range(tcfg.grad_accum)]  # data loading is not timed
+        try:
+            res, dt = trainer.timed(step, micro)
+        except torch.OutOfMemoryError as e:
+            raise TrainingOutOfMemory(
+                f"out of memory at step {step} with batch_size={tcfg.batch_size} sequences "
+                f"per process on {device}: lower [train] batch_size and raise grad_accum to "
+                f"keep the global batch (e.g. batch_size = {max(1, tcfg.batch_size // 2)}, "
+                f"grad_accum = {tcfg.grad_accum * 2})") from e
         train_time += dt
         tokens += plan.tokens_per_step
+        grad_norms.append((step + 1, res.grad_norm))
         for k, v in res.stats_sum.items():  # on the device: no sync per step
             routing_sums[k] = routing_sums[k] + v if k in routing_sums else v
             routing_n[k] = routing_n.get(k, 0) + res.stats_count[k]
+        loss_val = res.loss.item()  # one sync per step: a NaN is caught where it appears
+        if not math.isfinite(loss_val):
+            raise TrainingDiverged(
+                f"training loss became {loss_val} at step {step + 1}; the last finite loss "
+                f"was at step {last_finite['step']}: lower the learning rate (lr = "
+                f"{tcfg.lr}) or raise warmup_frac",
+                {"step": step + 1, "loss": str(loss_val), "last_finite_step":
+                 last_finite["step"], "last_finite_loss": last_finite["loss"],
+                 "lr": res.lr, "peak_lr": tcfg.lr,
+                 "grad_norms": [{"step": s, "grad_norm": float(v)} for s, v in grad_norms],
+                 "routing": {k: float(v) for k, v in res.stats.items()}})
+        last_finite = {"step": step + 1, "loss": loss_val}
         is_log = step % tcfg.log_every == 0 or step == plan.steps - 1
-        if is_log or on_step is not None:
-            loss_val = res.loss.item()
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"training loss became {loss_val} at step {step}; "
-                                         "lower the learning rate")
         if is_log:
+            gn = float(res.grad_norm)
             curve.append({"step": step + 1, "tokens": tokens, "loss": loss_val, "lr": res.lr,
-                          "time_s": train_time})
+                          "time_s": train_time, "grad_norm": gn})
+            if tracker is not None:
+                tracker.log(step + 1, {"train/loss": loss_val, "train/lr": res.lr,
+                                       "train/grad_norm": gn, "train/tokens": tokens,
+                                       **{f"routing/{k}": float(v)
+                                          for k, v in res.stats.items()}})
         if on_step is not None:
             on_step(step, loss_val, res.lr)
+        done = step + 1 == plan.steps
+        stop = should_stop is not None and any_rank(info, should_stop(), device)
+        if checkpoint_dir is not None and not done and (
+                stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0)):
+            path = save(step + 1)
+            if stop:
+                raise TrainingInterrupted(step + 1, path)
+        elif stop and not done:
+            raise TrainingInterrupted(step + 1, None)
     peak, kind = peak_memory(device)
+    peak = int(all_reduce_max(info, peak, device))  # the largest over ranks
     return TrainResult(
         steps=plan.steps, tokens=tokens, train_time_s=train_time,
         tokens_per_s=tokens / train_time if train_time > 0 else math.nan,
         peak_mem_bytes=peak, peak_mem_kind=kind, final_train_loss=loss_val, loss_curve=curve,
         routing={k: float(v / routing_n[k]) for k, v in routing_sums.items()},
+        resumed=resumed,
     )
 
 
