@@ -21,12 +21,16 @@ CONFIG = "config.json"
 
 
 def save_checkpoint(model: CausalLM, directory: str | Path,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None,
+                    state_dict: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s weights (or `state_dict`, e.g. the gathered weights of a sharded
+    model) and config."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().cpu().contiguous() for k, v in source.items()}
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "family": model.cfg.family})
     os.replace(tmp, directory / WEIGHTS)

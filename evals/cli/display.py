@@ -219,6 +219,16 @@ class PlainLog:
             self._print(f"{title}: done in {i['seconds']:.0f}s -> {i['file']}")
         elif e.kind == "phase_failed":
             self._print(f"{title} phase failed (see {i['error_file']}); training results kept")
+        elif e.kind == "warning":
+            self._print(f"warning: {i['message']}", err=True)
+        elif e.kind == "resume":
+            self._print(f"resuming {e.run_dir}: {i['done']} run(s) done, {i['todo']} to run")
+        elif e.kind == "skip":
+            self._print(f"  {i['run_id']}: {i['reason']}", err=True)
+        elif e.kind == "interrupted":
+            where = (f" at step {i['step']} (checkpoint saved)" if i.get("step") is not None
+                     else "")
+            self._print(f"interrupted: {i.get('run_id') or 'suite'}{where}", err=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +29,10 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
                        "or ~/.cache/mor-bench)")
         p.add_argument("--dry-run", action="store_true", help="print the plan (params, "
                        "FLOPs, tokens, steps per model) and exit without training")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue this suite run "
+                       "directory (after a kill, SIGTERM or preemption): finished runs are "
+                       "kept, an interrupted run resumes from its newest checkpoint, a failed "
+                       "run is retried once; SUITE must be the same suite")
         p.add_argument("--json", action="store_true", help="print JSON on stdout (logs go "
                        "to stderr)")
     elif command == "report":
@@ -89,14 +95,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress(event)
         plain(event)
 
-    if progress.live:
+    if progress.live and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 draws
         progress.start()
+    from evals.suite.runner import SuiteInterrupted
+    from evals.training.distributed import env_world_size
+
     try:
-        run_dir, records, failed = run_suite(suite, Path(args.out), corpus=args.corpus,
-                                             cache_dir=cache, on_event=on_event,
-                                             live=progress.live)
+        run_dir, records, failed = run_suite(
+            suite, Path(args.out), corpus=args.corpus, cache_dir=cache, on_event=on_event,
+            live=progress.live, resume=Path(args.resume) if args.resume else None)
+    except SuiteInterrupted as e:
+        progress.stop()
+        print(f"mor-bench: interrupted; state saved. Resume with: mor-bench run "
+              f"{args.suite} --resume {e.run_dir}", file=sys.stderr)
+        # SIGTERM (a scheduler's preemption) is an orderly stop: exit 0, resumable.
+        return 0 if e.signum == signal.SIGTERM else 130
     finally:
         progress.stop()
+    if env_world_size() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 1 if failed else 0  # rank 0 reports
     progress.print_summary(records)
     latest = Path(args.out) / f"{suite.name}-latest"
     try:

@@ -18,12 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("queued", "data", "training", "validation", "few-shot", "saving", "done", "failed")
+PHASES = ("queued", "data", "training", "saving", "validation", "few-shot", "done", "failed")
 """The phases a run goes through, in order ("failed" can follow any of them)."""
 
 SUITE_KINDS = ("start", "data", "run", "finished", "phase", "phase_log", "phase_done",
-               "phase_failed")
-"""`SuiteEvent.kind` values. "phase*" events name the after-training phase in `phase`."""
+               "phase_failed", "warning", "resume", "skip", "interrupted")
+"""`SuiteEvent.kind` values. "phase*" events name the after-training phase in `phase`.
+"warning": something the user should know (info["message"]), e.g. an unusable checkpoint;
+"resume": a suite run directory is being continued; "skip": a run already done there;
+"interrupted": SIGTERM/SIGINT stopped the suite, its state saved (info["run_id"],
+info["step"])."""
 
 
 @dataclass(frozen=True)

@@ -132,15 +132,27 @@ class EventSender:
     steps are throttled to one event per `min_interval_s` for live views, except the
     milestones -- every ~10% of the steps and the last -- which plain logs print."""
 
-    def __init__(self, run_id: str, queue=None, min_interval_s: float = 0.25):
-        self.run_id, self.queue = run_id, queue
+    def __init__(self, run_id: str, queue=None, min_interval_s: float = 0.25,
+                 emit: OnEvent | None = None):
+        self.run_id, self.queue, self.emit = run_id, queue, emit
         self.min_interval_s = min_interval_s
         self._last_sent = 0.0
         self._t_train = time.perf_counter()
 
     def _send(self, phase: str, **fields: Any) -> None:
+        self.put(RunEvent(self.run_id, phase, time.time(), **fields))
+
+    def put(self, event) -> None:
+        """Any event (a run's `SuiteEvent` "warning" too) to the parent, or to `emit` when
+        the run trains in the suite's own process (torchrun)."""
         if self.queue is not None:
-            self.queue.put(RunEvent(self.run_id, phase, time.time(), **fields))
+            self.queue.put(event)
+        elif self.emit is not None:
+            self.emit(event)
+
+    def warning(self, message: str, suite_name: str = "", run_dir: str = "") -> None:
+        self.put(SuiteEvent("warning", suite_name, run_dir, None,
+                            {"message": message, "run_id": self.run_id}))
 
     def phase(self, name: str, **fields: Any) -> None:
         if name not in PHASES:
@@ -163,26 +175,37 @@ class EventSender:
         return on_step
 
 
+TRAIN_RESULT = "train_result.json"
+"""RUN_DIR/<run_id>/train_result.json: the finished training's figures, written with the
+weights before evaluation, so an interruption during evaluation never retrains."""
+
+
 def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
-                train_cfg: dict[str, Any], status: EventSender | None = None
-                ) -> dict[str, Any]:
-    """Train one model and write its checkpoint and record. Runs in a child process."""
+                train_cfg: dict[str, Any], status: EventSender | None = None, *,
+                info=None, should_stop=None) -> dict[str, Any] | None:
+    """Train one model and write its checkpoint and record (in a child process, or in every
+    process of a torchrun group: `info`). Resumes from the run's own checkpoints when it
+    has any. Returns the record (None on ranks other than 0)."""
     import torch
 
-    from evals.data.corpus import iterate_batches
+    from evals.data.corpus import Batches
     from evals.suite.provenance import provenance
-    from evals.training.device import measure_matmul_peak, resolve_device
-    from evals.training.loop import TrainConfig, train
-    from mor import build_model, flops, save_checkpoint
+    from evals.training import distributed as D
+    from evals.training.device import configure_backend, measure_matmul_peak, resolve_device
+    from evals.training.loop import TrainConfig, TrainResult, train
+    from evals.training.tracking import Tracker
+    from mor import build_model, flops, load_checkpoint, save_checkpoint
     from mor.routing import routing_label
 
+    info = info or D.SINGLE
     status = status or EventSender(spec.run_id)
     status.phase("data")
     started = utc_now()
     tcfg = TrainConfig(**train_cfg)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    device = resolve_device(tcfg.device)
+    device = D.device_for(info, resolve_device(tcfg.device))
+    backend = configure_backend(device, deterministic=tcfg.deterministic)
     # The MFU denominator, measured by this process with its thread count right before it
     # trains, so a busy machine depresses numerator and denominator alike. (Before seeding:
     # its random matrices must not shift the model's initialisation.)
@@ -190,34 +213,68 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     torch.manual_seed(spec.seed)
     data_dir = run_dir / "data"
     data_meta = read_json(data_dir / "data.json")
-    # Kept compact (uint16/int32): iterate_batches widens each batch to int64.
-    train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int32))
     val_windows = torch.from_numpy(np.load(data_dir / "val.npy").astype(np.int64))
-    model = build_model(spec.config)
-    batches = iterate_batches(train_windows, tcfg.batch_size, seed=spec.seed)
-    status.phase("training", step=0, total=spec.plan.steps)
-    result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
-                   device=device, on_step=status.step_callback(spec.plan.steps))
+    out_dir = run_dir / spec.run_id
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier(info)
+    finished = out_dir / TRAIN_RESULT
+    if finished.is_file() and (out_dir / "model.safetensors").is_file():
+        # Interrupted after training: the trained weights and figures are on disk.
+        model = load_checkpoint(out_dir).train()
+        result = TrainResult(**read_json(finished))
+    else:
+        # Kept compact (uint16/int32): iterate_batches widens each batch to int64.
+        train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int32))
+        model = build_model(spec.config)
+        batches = Batches(train_windows, tcfg.batch_size, seed=spec.seed, rank=info.rank,
+                          world_size=info.world_size)
+        status.phase("training", step=0, total=spec.plan.steps)
+
+        def make_tracker(first_step: int):
+            return Tracker(out_dir / "tensorboard", run_name=spec.run_id,
+                           tensorboard=tcfg.tensorboard, wandb_project=tcfg.wandb_project,
+                           config=spec.to_dict(), resume_step=first_step if first_step > 1
+                           else None, enabled=info.is_main)
+
+        result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
+                       device=device, on_step=status.step_callback(spec.plan.steps),
+                       info=info, checkpoint_dir=out_dir / "checkpoints",
+                       should_stop=should_stop, make_tracker=make_tracker,
+                       on_warning=status.warning)
+        # Weights first (every rank joins the gather), then evaluation on rank 0 alone.
+        weights = D.full_state_dict(model)
+        if info.is_main:
+            status.phase("saving")
+            tokenizer_spec = read_json(data_dir / "tokenizer.json")
+            save_checkpoint(model, out_dir, state_dict=weights,
+                            extra={"tokenizer": tokenizer_spec, "run_id": spec.run_id})
+            write_json_atomic(finished, dataclasses.asdict(result))
+        if info.active and tcfg.parallel == "fsdp" and info.is_main:
+            model = build_model(spec.config)  # an unsharded copy to evaluate
+            model.load_state_dict(weights)
+        del weights
+    if not info.is_main:
+        D.barrier(info)  # rank 0 evaluates and writes the record
+        return None
+    model = D.unwrap(model).to(device)
     cfg = spec.config
     status.phase("validation")
     val, val_by_mode, depth_by_mode = _evaluate(model, cfg, val_windows, data_dir, tcfg, device)
-    out_dir = run_dir / spec.run_id
     eval_info = suite_info.get("eval")
     fewshot = None
     if eval_info and eval_info.get("tasks"):
         status.phase("few-shot")
         fewshot, items = _fewshot(model, cfg, eval_info, data_dir, device)
         write_json_atomic(out_dir / FEWSHOT_ITEMS, items)
-    status.phase("saving")
     tokenizer_spec = read_json(data_dir / "tokenizer.json")
-    save_checkpoint(model, out_dir, extra={"tokenizer": tokenizer_spec, "run_id": spec.run_id})
     if cfg.family == "mor":
         _depth_sample(model, tokenizer_spec, val_windows, data_meta["corpus"],
                       out_dir / DEPTH_SAMPLE)
 
     # Training compute actually done: 3x the exact forward FLOPs (backward = 2x forward).
     train_flops_exact = 3 * spec.plan.flops_per_token_exact * result.tokens
-    achieved = train_flops_exact / result.train_time_s
+    achieved = train_flops_exact / result.train_time_s  # all processes together
     metrics = {
         "val_nll": val["val_nll"],
         "val_bpb": val["val_nll"] / np.log(2) / data_meta["val_bytes_per_token"],
@@ -232,7 +289,8 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         "steps": result.steps, "tokens": result.tokens,
         "flops_used": spec.plan.flops_used, "train_flops_exact": train_flops_exact,
         "achieved_flops_per_s": achieved,
-        "mfu": achieved / peak_flops if peak_flops else None,
+        # Over the peak of all processes (each measured its own: rank 0's figure here).
+        "mfu": achieved / (peak_flops * info.world_size) if peak_flops else None,
         "routing": result.routing,
         "val_routing": _routing_stats(val),
         # The paper convention with the routing the run actually took (training average).
@@ -258,10 +316,18 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
                                                            batch_size=1)},
         "metrics": metrics, "loss_curve": result.loss_curve,
         "peak_flops_per_s": peak_flops, "device": str(device),
+        "distributed": {"world_size": info.world_size, "parallel": (
+            tcfg.parallel if info.world_size > 1 else None),
+            "global_batch_sequences": tcfg.batch_size * tcfg.grad_accum * info.world_size},
+        # Resumed runs: where each resume continued from; the timing figures above count
+        # the steps that completed once (the work lost to a kill is not in them).
+        "resumed": result.resumed or None,
+        "backend": backend,
         "checkpoint": str(out_dir), "started_at": started, "finished_at": utc_now(),
         "provenance": provenance(),
     }
     write_json_atomic(out_dir / RECORD, record)
+    D.barrier(info)
     return record
 
 
@@ -369,115 +435,404 @@ def prepare_eval(suite: Suite, run_dir: Path, cache_dir: Path) -> dict[str, Any]
             "limit": ev.limit, "batch_size": ev.batch_size}
 
 
+INTERRUPTED_EXIT = 3
+"""A run process's exit code when SIGTERM/SIGINT stopped it after saving its state."""
+
+
+class SuiteInterrupted(Exception):
+    """SIGTERM/SIGINT stopped the suite; every finished run's record and the interrupted
+    run's checkpoint are on disk (`mor-bench run SUITE --resume RUN_DIR` continues)."""
+
+    def __init__(self, run_dir: Path, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}; resume with --resume {run_dir}")
+        self.run_dir, self.signum = run_dir, signum
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the training loop checks it after every step and saves."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.signum = signum
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this run process when the suite process dies (even by
+    SIGKILL), so no orphan keeps training; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _failure(spec: RunSpec, suite_info: dict, out_dir: Path, e: BaseException) -> None:
+    from evals.suite.provenance import provenance
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "error.txt").write_text(traceback.format_exc())
+    rec = failed_record(spec.to_dict(), family=spec.config.family, suite=suite_info,
+                        error=f"{type(e).__name__}: {e}", provenance=provenance())
+    diagnostics = getattr(e, "diagnostics", None)
+    if diagnostics is not None:  # a diverged run: where and how it went
+        rec["diagnostics"] = diagnostics
+    write_json_atomic(out_dir / RECORD, rec)
+
+
+def _interrupted_record(spec: RunSpec, suite_info: dict, out_dir: Path, step: int | None,
+                        signum: int | None) -> None:
+    rec = failed_record(spec.to_dict(), family=spec.config.family, suite=suite_info,
+                        error=f"interrupted by signal {signum}")
+    rec.update(status="interrupted", interrupted_at_step=step)
+    write_json_atomic(out_dir / RECORD, rec)
+
+
 def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
-                status_queue=None, live: bool = False) -> None:
+                status_queue=None, live: bool = False, parent_pid: int | None = None) -> None:
     """A run process: train, evaluate, save; on any error write a failure record (and the
-    traceback to error.txt) and exit 1. The parent reports the failure.
+    traceback to error.txt) and exit 1. The parent reports the failure. SIGTERM/SIGINT:
+    save a resumable checkpoint after the current step, record "interrupted", exit
+    `INTERRUPTED_EXIT`.
 
     live=True (the parent draws a live table on the terminal): this process's own output
     (lm-eval's notes, warnings) goes to RUN_DIR/<run_id>/run.log instead of the terminal."""
+    from evals.training.loop import TrainingInterrupted
+
+    _die_with_parent()
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before prctl took effect
+    stop = StopFlag()
+    stop.install()
     run_dir_p = Path(run_dir)
     out_dir = run_dir_p / spec.run_id
     if live:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(out_dir / "run.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        log_fd = os.open(out_dir / "run.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(log_fd, 1)  # fd level: C extensions and tqdm bars land there too
         os.dup2(log_fd, 2)
         os.close(log_fd)
     status = EventSender(spec.run_id, status_queue)
+    code = 0
     try:
-        execute_run(spec, suite_info, run_dir_p, train_cfg, status)
+        execute_run(spec, suite_info, run_dir_p, train_cfg, status, should_stop=stop)
+        if stop():  # the signal came after training: the weights are saved, redo the rest
+            _interrupted_record(spec, suite_info, out_dir, spec.plan.steps, stop.signum)
+            code = INTERRUPTED_EXIT
+    except TrainingInterrupted as e:
+        _interrupted_record(spec, suite_info, out_dir, e.step, stop.signum)
+        code = INTERRUPTED_EXIT
     except BaseException as e:  # record the failure, keep the other runs going
-        from evals.suite.provenance import provenance
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "error.txt").write_text(traceback.format_exc())
-        write_json_atomic(out_dir / RECORD, failed_record(
-            spec.to_dict(), family=spec.config.family, suite=suite_info,
-            error=f"{type(e).__name__}: {e}", provenance=provenance()))
-        sys.exit(1)
+        _failure(spec, suite_info, out_dir, e)
+        code = 1
     finally:
         if status_queue is not None:
             status_queue.close()
             status_queue.join_thread()  # every event reaches the parent before exit
+    sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------
 # the suite
 
 
-def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
-              cache_dir: Path = DEFAULT_CACHE, on_event: OnEvent | None = None,
-              live: bool = False) -> tuple[Path, list[dict], list[str]]:
-    """Train every planned run, then the suite's after-training phases ([infer], [speed]);
-    returns the run directory, the records written (failed runs included, with status
-    "failed") and the ids of the runs that failed.
+def suite_differences(old_text: str, new_text: str) -> list[str]:
+    """Dotted keys whose values differ between two suite files (comments and layout do
+    not count), e.g. ["train.lr", "models[2].num_recursions"]."""
+    import tomllib
 
-    `on_event(event)` receives, in order (`evals.suite.events`): SuiteEvent "start" and
-    "data"; RunEvent "queued" for every run once the plan is final; then per run a
-    SuiteEvent "run" and its RunEvents "data", "training" (repeated with step/total/loss),
-    "validation", "few-shot" (suites with [eval]), "saving", and "done" (val_nll,
-    tokens_per_s, wall_s) or "failed" (error); SuiteEvent "finished"; then for each phase
-    "phase", "phase_log"..., and "phase_done" or "phase_failed". `live`: the caller draws on
-    the terminal, so run processes write their own output to run.log rather than stderr."""
+    def flat(obj, prefix: str = "") -> dict[str, Any]:
+        if isinstance(obj, dict):
+            out: dict[str, Any] = {}
+            for k, v in obj.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else k))
+            return out
+        if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+            out = {}
+            for i, v in enumerate(obj):
+                out.update(flat(v, f"{prefix}[{i}]"))
+            return out
+        return {prefix: obj}
+
+    old, new = flat(tomllib.loads(old_text)), flat(tomllib.loads(new_text))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, None) != new.get(k, None)
+                  or (k in old) != (k in new))
+
+
+def _prepare(suite: Suite, out_root: Path, corpus: str | None, cache_dir: Path,
+             resume: Path | None, world_size: int, emit: OnEvent):
+    """Validate, then make (or, resuming, check) the suite run directory and its data.
+    Returns (run_dir, runs, suite_info, suite_event)."""
     from evals.data.corpus import check_corpus
     from evals.training.device import resolve_device
+    from evals.training.tracking import check_tracking
 
-    emit = on_event or ignore
-    runs = plan_runs(suite)  # validates everything before any data or compute
+    runs = plan_runs(suite, world_size)  # validates everything before any data or compute
     try:
         resolve_device(suite.train.device)  # e.g. device = "cuda" on a machine without one
+        check_tracking(suite.train.tensorboard, suite.train.wandb_project)
     except ConfigError as e:
-        raise ConfigError(f"{suite.source}: [train] {e}") from None
-    check_corpus(corpus or suite.data.corpus)
+        raise ConfigError(f"{suite.source}: {e}") from None
     check_eval_tasks(suite, cache_dir)
-    t_data = time.perf_counter()
-    prepared = load_suite_data(suite, corpus, cache_dir)
-    run_dir = make_run_dir(out_root, suite.name)
-    (run_dir / "suite.toml").write_text(suite.text)
+    if resume is not None:
+        run_dir = _check_resumable(suite, resume, corpus)
+        data_meta = read_json(run_dir / "data" / "data.json")
+    else:
+        check_corpus(corpus or suite.data.corpus)
+        t_data = time.perf_counter()
+        prepared = load_suite_data(suite, corpus, cache_dir)
+        run_dir = make_run_dir(out_root, suite.name)
+        (run_dir / "suite.toml").write_text(suite.text)
 
     def suite_event(kind: str, phase: str | None = None, **info: Any) -> None:
         emit(SuiteEvent(kind, suite.name, str(run_dir), phase, info))
 
-    suite_event("start", runs=len(runs))
-    data_meta = save_suite_data(suite, prepared, run_dir)
-    del prepared
-    suite_event("data", corpus=data_meta["corpus"], tokenizer=data_meta["tokenizer"],
-                train_tokens=data_meta["train_tokens"], val_windows=data_meta["val_windows"],
-                seconds=time.perf_counter() - t_data)
+    if resume is None:
+        suite_event("start", runs=len(runs))
+        data_meta = save_suite_data(suite, prepared, run_dir)
+        del prepared
+        suite_event("data", corpus=data_meta["corpus"], tokenizer=data_meta["tokenizer"],
+                    train_tokens=data_meta["train_tokens"],
+                    val_windows=data_meta["val_windows"],
+                    seconds=time.perf_counter() - t_data)
     runs = [_with_vocab(r, data_meta["vocab_size"], suite) for r in runs]
-    write_json_atomic(run_dir / PLAN_FILE, plan_table(runs))
-    train_cfg = dataclasses.asdict(suite.train)
+    table = plan_table(runs)
+    if resume is not None:
+        saved = {r["run_id"]: r for r in read_json(run_dir / PLAN_FILE)}
+        for row in table:
+            old = saved.get(row["run_id"])
+            if old is None or (old["steps"], old.get("world_size", 1)) != (
+                    row["steps"], row["world_size"]):
+                was = (f"{old['steps']} steps on {old.get('world_size', 1)} process(es)"
+                       if old else "absent")
+                raise ConfigError(
+                    f"--resume {run_dir}: run {row['run_id']} was planned as {was}, now "
+                    f"{row['steps']} steps on {row['world_size']}; resume with the original "
+                    "number of processes (torchrun --nproc-per-node)")
+    else:
+        write_json_atomic(run_dir / PLAN_FILE, table)
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
                   "run_dir": str(run_dir), "eval": prepare_eval(suite, run_dir, cache_dir)}
-    for spec in runs:
-        emit(RunEvent(spec.run_id, "queued", time.time(), model=spec.model_name,
-                      total=spec.plan.steps))
+    return run_dir, runs, suite_info, suite_event
+
+
+def _check_resumable(suite: Suite, run_dir: Path, corpus: str | None) -> Path:
+    run_dir = Path(run_dir)
+    saved = run_dir / "suite.toml"
+    if not saved.is_file() or not (run_dir / PLAN_FILE).is_file() or not (
+            run_dir / "data" / "data.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a suite run directory (expected "
+                          "suite.toml, plan.json and data/ written by `mor-bench run`)")
+    if corpus is not None:
+        raise ConfigError(f"--resume {run_dir}: the run directory's prepared data is reused; "
+                          "drop --corpus")
+    diff = suite_differences(saved.read_text(), suite.text)
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: the suite differs from the one this "
+                          f"directory was started with ({saved}) in: {', '.join(diff)}; "
+                          "resume with the same suite file, or start a new run")
+    return run_dir
+
+
+def run_state(run_dir: Path, run_id: str) -> tuple[str, int]:
+    """(what a resumed suite does with a run, its previous attempts): "done" (an ok
+    record), "failed" (failed twice: kept), or "run" (no record, interrupted, or failed
+    once: retried)."""
+    rec_file = run_dir / run_id / RECORD
+    if not rec_file.is_file():
+        return "run", 0
+    rec = read_json(rec_file)
+    attempts = int(rec.get("attempt", 1))
+    if rec.get("status") == "ok":
+        return "done", attempts
+    if rec.get("status") == "failed" and attempts >= 2:
+        return "failed", attempts
+    return "run", attempts if rec.get("status") == "failed" else attempts - 1
+
+
+def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
+              cache_dir: Path = DEFAULT_CACHE, on_event: OnEvent | None = None,
+              live: bool = False, resume: Path | None = None
+              ) -> tuple[Path, list[dict], list[str]]:
+    """Train every planned run, then the suite's after-training phases ([infer], [speed]);
+    returns the run directory, the records written (failed runs included, with status
+    "failed") and the ids of the runs that failed.
+
+    `resume`: continue that suite run directory -- runs with an ok record are skipped, an
+    interrupted or partial run resumes from its newest checkpoint, a failed run is retried
+    once; a suite that differs from the directory's is refused (the keys named).
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: runs train data-parallel in
+    these processes (one process group for the suite), rank 0 alone writes and emits.
+    SIGTERM/SIGINT: the running run saves a checkpoint and `SuiteInterrupted` is raised.
+
+    `on_event(event)` receives, in order (`evals.suite.events`): SuiteEvent "start" and
+    "data" (or "resume"); RunEvent "queued" for every run once the plan is final; then per
+    run a SuiteEvent "run" (or "skip") and its RunEvents "data", "training" (repeated with
+    step/total/loss), "validation", "few-shot" (suites with [eval]), "saving", and "done"
+    (val_nll, tokens_per_s, wall_s) or "failed" (error); SuiteEvent "finished"; then for
+    each phase "phase", "phase_log"..., and "phase_done" or "phase_failed". `live`: the
+    caller draws on the terminal, so run processes write their own output to run.log
+    rather than stderr."""
+    from evals.training import distributed as D
+
+    emit = on_event or ignore
+    world = D.env_world_size()
+    if world > 1:
+        return _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume)
+    run_dir, runs, suite_info, suite_event = _prepare(suite, out_root, corpus, cache_dir,
+                                                      resume, 1, emit)
+    todo = _announce(runs, run_dir, resume, emit, suite_event)
+    train_cfg = dataclasses.asdict(suite.train)
     ctx = mp.get_context("spawn")
     status_queue = ctx.Queue()
-    # SIGTERM (a CI timeout, `kill`) as KeyboardInterrupt, so the running run process is
-    # stopped too rather than left behind.
+    # SIGTERM (a CI timeout, `kill`, a scheduler's preemption) as KeyboardInterrupt: the
+    # running run process gets SIGTERM too, saves its state, and the suite stops.
     on_main = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
-        records, failed = _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg,
-                                   emit, suite_event, live)
-        if len(failed) < len(runs):
-            if suite.infer is not None:
-                records = _after_training(
-                    "infer", (suite.infer,), run_dir, records, suite_event,
-                    samples=suite.infer.samples, gen_mean=suite.infer.gen_mean,
-                    batch_size=suite.infer.batch_size, repeats=suite.infer.repeats)
-            if suite.speed is not None:
-                records = _after_training("speed", (suite.speed, train_cfg), run_dir, records,
-                                          suite_event, **dataclasses.asdict(suite.speed))
+        records, failed = _run_all(runs, todo, ctx, status_queue, suite_info, run_dir,
+                                   train_cfg, emit, suite_event, live)
+        records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event)
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, old_handler)
         status_queue.close()
     return run_dir, records, failed
+
+
+def _announce(runs, run_dir: Path, resume, emit, suite_event) -> dict[str, tuple[str, int]]:
+    states = {r.run_id: run_state(run_dir, r.run_id) if resume is not None else ("run", 0)
+              for r in runs}
+    if resume is not None:
+        suite_event("resume", done=sum(s == "done" for s, _ in states.values()),
+                    todo=sum(s == "run" for s, _ in states.values()))
+    for spec in runs:
+        emit(RunEvent(spec.run_id, "queued", time.time(), model=spec.model_name,
+                      total=spec.plan.steps))
+    return states
+
+
+def _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event):
+    if len(failed) < len(runs):
+        if suite.infer is not None and (not (run_dir / INFER_FILE).is_file()):
+            records = _after_training(
+                "infer", (suite.infer,), run_dir, records, suite_event,
+                samples=suite.infer.samples, gen_mean=suite.infer.gen_mean,
+                batch_size=suite.infer.batch_size, repeats=suite.infer.repeats)
+        if suite.speed is not None and (not (run_dir / SPEED_FILE).is_file()):
+            records = _after_training("speed", (suite.speed, train_cfg), run_dir, records,
+                                      suite_event, **dataclasses.asdict(suite.speed))
+    return records
+
+
+def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
+    """Every process of a torchrun group runs the suite: rank 0 prepares and writes, all
+    train each run data-parallel in this process (no process per run)."""
+    from evals.training import distributed as D
+    from evals.training.device import resolve_device
+
+    info = D.init_from_env(resolve_device(suite.train.device).type)
+    stop = StopFlag()
+    stop.install()
+    try:
+        prepared = None
+        problem = None
+        if info.is_main:
+            try:
+                prepared = _prepare(suite, out_root, corpus, cache_dir, resume,
+                                    info.world_size, emit)
+            except ConfigError as e:
+                problem = str(e)
+        problem = D.broadcast_object(info, problem)
+        if problem is not None:
+            raise ConfigError(problem)
+        shared = D.broadcast_object(info, None if prepared is None else (
+            str(prepared[0]), prepared[1], prepared[2]))
+        run_dir, runs, suite_info = Path(shared[0]), shared[1], shared[2]
+        suite_event = prepared[3] if prepared is not None else (lambda *a, **k: None)
+        out = emit if info.is_main else ignore
+        todo = D.broadcast_object(info, _announce(runs, run_dir, resume, out, suite_event)
+                                  if info.is_main else None)
+        train_cfg = dataclasses.asdict(suite.train)
+        records, failed = [], []
+        t0 = time.perf_counter()
+        for i, spec in enumerate(runs, 1):
+            state, attempts = todo[spec.run_id]
+            if state != "run":
+                if info.is_main:
+                    records.append(read_json(run_dir / spec.run_id / RECORD))
+                    suite_event("skip", run_id=spec.run_id, reason=f"{state} already")
+                    if state == "failed":
+                        failed.append(spec.run_id)
+                continue
+            suite_event("run", index=i, count=len(runs), run_id=spec.run_id,
+                        family=spec.config.family, layers=spec.config.layer_plan,
+                        steps=spec.plan.steps, tokens_per_step=spec.plan.tokens_per_step)
+            t_run = time.perf_counter()
+            sender = EventSender(spec.run_id, emit=out)
+            out_dir = run_dir / spec.run_id
+            try:
+                rec = execute_run(spec, suite_info, run_dir, train_cfg, sender, info=info,
+                                  should_stop=stop)
+            except Exception as e:  # noqa: BLE001 -- recorded as the run's failure
+                from evals.training.loop import TrainingInterrupted
+
+                if isinstance(e, TrainingInterrupted):
+                    if info.is_main:
+                        _interrupted_record(spec, suite_info, out_dir, e.step, stop.signum)
+                        suite_event("interrupted", run_id=spec.run_id, step=e.step)
+                    raise SuiteInterrupted(run_dir, stop.signum or signal.SIGTERM) from None
+                if info.is_main:
+                    _failure(spec, suite_info, out_dir, e)
+                rec = None
+            if info.is_main:
+                rec = _stamp_attempt(out_dir / RECORD, attempts + 1)
+                records.append(rec)
+                _emit_outcome(spec, rec, rec.get("status") != "ok", emit,
+                              time.perf_counter() - t_run, failed)
+            D.barrier(info)
+            if stop():
+                if info.is_main:
+                    suite_event("interrupted", run_id=None, step=None)
+                raise SuiteInterrupted(run_dir, stop.signum)
+        if info.is_main:
+            suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
+                        seconds=time.perf_counter() - t0)
+            records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event)
+        D.barrier(info)
+        return run_dir, records, failed
+    finally:
+        D.shutdown()
+
+
+def _stamp_attempt(rec_file: Path, attempt: int) -> dict:
+    rec = read_json(rec_file)
+    rec["attempt"] = attempt
+    write_json_atomic(rec_file, rec)
+    return rec
+
+
+def _emit_outcome(spec, rec, is_failed: bool, emit, wall: float, failed: list) -> None:
+    if is_failed:
+        failed.append(spec.run_id)
+        emit(RunEvent(spec.run_id, "failed", time.time(), error=rec.get("error"),
+                      wall_s=wall))
+    else:
+        m = rec.get("metrics", {})
+        emit(RunEvent(spec.run_id, "done", time.time(), val_nll=m.get("val_nll"),
+                      tokens_per_s=m.get("tokens_per_s"), wall_s=wall))
 
 
 def _after_training(phase: str, args: tuple, run_dir: Path, records: list[dict],
@@ -502,46 +857,68 @@ def _after_training(phase: str, args: tuple, run_dir: Path, records: list[dict],
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(signum)
 
 
-def _run_all(runs, ctx, status_queue, suite_info, run_dir, train_cfg, emit, suite_event,
-             live):
+CHECKPOINT_GRACE_S = 600.0
+"""How long an interrupted suite waits for its run process to save its checkpoint."""
+
+
+def _run_all(runs, todo, ctx, status_queue, suite_info, run_dir, train_cfg, emit,
+             suite_event, live):
     """Each run in its own process, one after the other; returns (records, failed ids)."""
     records, failed = [], []
     t0 = time.perf_counter()
     for i, spec in enumerate(runs, 1):
+        state, attempts = todo[spec.run_id]
+        rec_file = run_dir / spec.run_id / RECORD
+        if state != "run":
+            records.append(read_json(rec_file))
+            suite_event("skip", run_id=spec.run_id, reason=f"{state} already")
+            if state == "failed":
+                failed.append(spec.run_id)
+            continue
         suite_event("run", index=i, count=len(runs), run_id=spec.run_id,
                     family=spec.config.family, layers=spec.config.layer_plan,
                     steps=spec.plan.steps, tokens_per_step=spec.plan.tokens_per_step)
         t_run = time.perf_counter()
+        if rec_file.is_file():  # a previous attempt's record: this attempt writes its own
+            rec_file.unlink()
         proc = ctx.Process(target=_child_main, name=f"mor-bench-{spec.run_id}",
-                           args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live))
+                           args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live,
+                                 os.getpid()))
         proc.start()
         try:
             relay(status_queue, proc, emit)
             proc.join()
+        except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: let the run save, then stop
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.join(CHECKPOINT_GRACE_S)
+            relay(status_queue, proc, emit)
+            rec = read_json(rec_file) if rec_file.is_file() else {}
+            suite_event("interrupted", run_id=spec.run_id,
+                        step=rec.get("interrupted_at_step"))
+            raise SuiteInterrupted(run_dir, signum) from None
         finally:
-            if proc.is_alive():  # interrupted (Ctrl-C, an error in the view): no orphans
+            if proc.is_alive():  # an error in the view: no orphans
                 proc.terminate()
-                proc.join(10)
-        rec_file = run_dir / spec.run_id / RECORD
-        if proc.exitcode != 0 or not rec_file.is_file():
-            failed.append(spec.run_id)
-            if not rec_file.is_file():  # killed before it could write its failure record
-                write_json_atomic(rec_file, failed_record(
-                    spec.to_dict(), family=spec.config.family, suite=suite_info,
-                    error=f"process exited with code {proc.exitcode}"))
-        rec = read_json(rec_file)
+                proc.join(CHECKPOINT_GRACE_S)
+                if proc.is_alive():
+                    proc.kill()
+        if proc.exitcode == INTERRUPTED_EXIT:  # the run process alone got the signal
+            suite_event("interrupted", run_id=spec.run_id,
+                        step=read_json(rec_file).get("interrupted_at_step"))
+            raise SuiteInterrupted(run_dir, signal.SIGTERM)
+        if not rec_file.is_file():  # killed before it could write its failure record
+            write_json_atomic(rec_file, failed_record(
+                spec.to_dict(), family=spec.config.family, suite=suite_info,
+                error=f"process exited with code {proc.exitcode}"))
+        rec = _stamp_attempt(rec_file, attempts + 1)
         records.append(rec)
-        wall = time.perf_counter() - t_run
-        if rec.get("status") == "ok" and spec.run_id not in failed:
-            m = rec.get("metrics", {})
-            emit(RunEvent(spec.run_id, "done", time.time(), val_nll=m.get("val_nll"),
-                          tokens_per_s=m.get("tokens_per_s"), wall_s=wall))
-        else:
-            emit(RunEvent(spec.run_id, "failed", time.time(), error=rec.get("error"),
-                          wall_s=wall))
+        _emit_outcome(spec, rec, proc.exitcode != 0 or rec.get("status") != "ok", emit,
+                      time.perf_counter() - t_run, failed)
     suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
                 seconds=time.perf_counter() - t0)
     return records, failed

@@ -93,12 +93,27 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"train field '{name}': must be a positive integer, got {v!r}")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"train field 'lr': must be in (0, 1), got {self.lr}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):
+            raise ConfigError(f"train field 'lr': must be a positive number, got {self.lr!r}")
         for name in ("warmup_frac", "decay_frac"):
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise ConfigError(f"train field '{name}': must be in [0, 1), got {v}")
+        if not (isinstance(self.weight_decay, int | float) and 0 <= self.weight_decay < math.inf):
+            raise ConfigError(f"train field 'weight_decay': must be a number >= 0, got "
+                              f"{self.weight_decay!r}")
+        if not (isinstance(self.grad_clip, int | float) and 0 < self.grad_clip <= math.inf):
+            raise ConfigError(f"train field 'grad_clip': must be a positive number (inf: no "
+                              f"clipping), got {self.grad_clip!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else ()
+        if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1
+                                      for b in betas):
+            raise ConfigError(f"train field 'betas': must be two numbers in [0, 1), e.g. "
+                              f"[0.9, 0.95], got {self.betas!r}")
+        if self.threads is not None and (not isinstance(self.threads, int)
+                                         or isinstance(self.threads, bool) or self.threads < 1):
+            raise ConfigError(f"train field 'threads': must be a positive integer, got "
+                              f"{self.threads!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError(f"train field 'checkpoint_every': must be an integer >= 0, got "
                               f"{self.checkpoint_every!r}")
@@ -307,7 +322,8 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
           warmup_steps: int, device: torch.device,
           on_step: Callable[[int, float, float], None] | None = None,
           info: DistInfo = SINGLE, checkpoint_dir: Path | None = None,
-          should_stop: Callable[[], bool] | None = None, tracker=None,
+          should_stop: Callable[[], bool] | None = None,
+          make_tracker: Callable[[int], Any] | None = None,
           on_warning: Callable[[str], None] | None = None) -> TrainResult:
     """Run `plan.steps` optimizer steps (`TrainStep`) over `batches`: an iterator of (x, y)
     CPU tensors, or a function `start -> iterator` that starts after `start` global
@@ -321,7 +337,10 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
     `checkpoint_dir` the run resumes from its newest valid checkpoint there, saves one every
     `checkpoint_every` steps, and -- when `should_stop()` turns true on any rank -- saves and
     raises `TrainingInterrupted`. A NaN/inf loss raises `TrainingDiverged`; out of memory
-    raises `TrainingOutOfMemory`. `tracker.log(step, metrics)` receives the logged points."""
+    raises `TrainingOutOfMemory`. `make_tracker(first_step)` (called once the start is known,
+    so a resumed run's tracker drops what the killed process logged after its checkpoint)
+    gives an `evals.training.tracking.Tracker`; it receives the logged points and is closed
+    when training ends."""
     from evals.training import checkpointing as ckpt
 
     module = wrap_model(model, tcfg.parallel, info, device)
@@ -370,6 +389,7 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
     it = batches(start * micro_per_step) if callable(batches) else batches
     if not callable(batches) and start:
         raise ValueError("resuming needs `batches` as a function of the start position")
+    tracker = make_tracker(start + 1) if make_tracker is not None else None
 
     def snapshot(next_step: int) -> dict[str, Any]:
         n_windows = getattr(batches, "n_windows", None)
@@ -392,57 +412,62 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
         return ckpt.save(checkpoint_dir, next_step, module=module, optimizer=opt,
                          state=snapshot(next_step), info=info, keep=tcfg.keep_checkpoints)
 
-    for step in range(start, plan.steps):
-        micro = [next(it) for _ in range(tcfg.grad_accum)]  # data loading is not timed
-        try:
-            res, dt = trainer.timed(step, micro)
-        except torch.OutOfMemoryError as e:
-            raise TrainingOutOfMemory(
-                f"out of memory at step {step} with batch_size={tcfg.batch_size} sequences "
-                f"per process on {device}: lower [train] batch_size and raise grad_accum to "
-                f"keep the global batch (e.g. batch_size = {max(1, tcfg.batch_size // 2)}, "
-                f"grad_accum = {tcfg.grad_accum * 2})") from e
-        train_time += dt
-        tokens += plan.tokens_per_step
-        grad_norms.append((step + 1, res.grad_norm))
-        for k, v in res.stats_sum.items():  # on the device: no sync per step
-            routing_sums[k] = routing_sums[k] + v if k in routing_sums else v
-            routing_n[k] = routing_n.get(k, 0) + res.stats_count[k]
-        loss_val = res.loss.item()  # one sync per step: a NaN is caught where it appears
-        if not math.isfinite(loss_val):
-            raise TrainingDiverged(
-                f"training loss became {loss_val} at step {step + 1}; the last finite loss "
-                f"was at step {last_finite['step']}: lower the learning rate (lr = "
-                f"{tcfg.lr}) or raise warmup_frac",
-                {"step": step + 1, "loss": str(loss_val), "last_finite_step":
-                 last_finite["step"], "last_finite_loss": last_finite["loss"],
-                 "lr": res.lr, "peak_lr": tcfg.lr,
-                 "grad_norms": [{"step": s, "grad_norm": float(v)} for s, v in grad_norms],
-                 "routing": {k: float(v) for k, v in res.stats.items()}})
-        last_finite = {"step": step + 1, "loss": loss_val}
-        is_log = step % tcfg.log_every == 0 or step == plan.steps - 1
-        if is_log:
-            gn = float(res.grad_norm)
-            curve.append({"step": step + 1, "tokens": tokens, "loss": loss_val, "lr": res.lr,
-                          "time_s": train_time, "grad_norm": gn})
-            if tracker is not None:
-                tracker.log(step + 1, {"train/loss": loss_val, "train/lr": res.lr,
-                                       "train/grad_norm": gn, "train/tokens": tokens,
-                                       **{f"routing/{k}": float(v)
-                                          for k, v in res.stats.items()}})
-        if on_step is not None:
-            on_step(step, loss_val, res.lr)
-        done = step + 1 == plan.steps
-        stop = should_stop is not None and any_rank(info, should_stop(), device)
-        if checkpoint_dir is not None and not done and (
-                stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0)):
-            path = save(step + 1)
-            if stop:
-                raise TrainingInterrupted(step + 1, path)
-        elif stop and not done:
-            raise TrainingInterrupted(step + 1, None)
-    peak, kind = peak_memory(device)
-    peak = int(all_reduce_max(info, peak, device))  # the largest over ranks
+    try:
+        for step in range(start, plan.steps):
+            micro = [next(it) for _ in range(tcfg.grad_accum)]  # data loading is not timed
+            try:
+                res, dt = trainer.timed(step, micro)
+            except torch.OutOfMemoryError as e:
+                raise TrainingOutOfMemory(
+                    f"out of memory at step {step} with batch_size={tcfg.batch_size} "
+                    f"sequences per process on {device}: lower [train] batch_size and raise "
+                    f"grad_accum to keep the global batch (e.g. batch_size = "
+                    f"{max(1, tcfg.batch_size // 2)}, grad_accum = {tcfg.grad_accum * 2})"
+                ) from e
+            train_time += dt
+            tokens += plan.tokens_per_step
+            grad_norms.append((step + 1, res.grad_norm))
+            for k, v in res.stats_sum.items():  # on the device: no sync per step
+                routing_sums[k] = routing_sums[k] + v if k in routing_sums else v
+                routing_n[k] = routing_n.get(k, 0) + res.stats_count[k]
+            loss_val = res.loss.item()  # one sync per step: a NaN is caught where it appears
+            if not math.isfinite(loss_val):
+                raise TrainingDiverged(
+                    f"training loss became {loss_val} at step {step + 1}; the last finite loss "
+                    f"was at step {last_finite['step']}: lower the learning rate (lr = "
+                    f"{tcfg.lr}) or raise warmup_frac",
+                    {"step": step + 1, "loss": str(loss_val), "last_finite_step":
+                     last_finite["step"], "last_finite_loss": last_finite["loss"],
+                     "lr": res.lr, "peak_lr": tcfg.lr,
+                     "grad_norms": [{"step": s, "grad_norm": float(v)} for s, v in grad_norms],
+                     "routing": {k: float(v) for k, v in res.stats.items()}})
+            last_finite = {"step": step + 1, "loss": loss_val}
+            is_log = step % tcfg.log_every == 0 or step == plan.steps - 1
+            if is_log:
+                gn = float(res.grad_norm)
+                curve.append({"step": step + 1, "tokens": tokens, "loss": loss_val, "lr": res.lr,
+                              "time_s": train_time, "grad_norm": gn})
+                if tracker is not None:
+                    tracker.log(step + 1, {"train/loss": loss_val, "train/lr": res.lr,
+                                           "train/grad_norm": gn, "train/tokens": tokens,
+                                           **{f"routing/{k}": float(v)
+                                              for k, v in res.stats.items()}})
+            if on_step is not None:
+                on_step(step, loss_val, res.lr)
+            done = step + 1 == plan.steps
+            stop = should_stop is not None and any_rank(info, should_stop(), device)
+            if checkpoint_dir is not None and not done and (
+                    stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0)):
+                path = save(step + 1)
+                if stop:
+                    raise TrainingInterrupted(step + 1, path)
+            elif stop and not done:
+                raise TrainingInterrupted(step + 1, None)
+        peak, kind = peak_memory(device)
+        peak = int(all_reduce_max(info, peak, device))  # the largest over ranks
+    finally:
+        if tracker is not None:
+            tracker.close()
     return TrainResult(
         steps=plan.steps, tokens=tokens, train_time_s=train_time,
         tokens_per_s=tokens / train_time if train_time > 0 else math.nan,

@@ -13,7 +13,7 @@ from evals.suite.runner import EventSender, run_suite
 from evals.suite.spec import load_suite, plan_runs
 from tests.conftest import MICRO_SUITE
 
-PHASE_ORDER = ["queued", "data", "training", "validation", "few-shot", "saving", "done"]
+PHASE_ORDER = ["queued", "data", "training", "saving", "validation", "few-shot", "done"]
 MICRO_EVAL = """
 [eval]
 tasks = ["mor_synth_filler"]
