@@ -278,7 +278,7 @@ class HFTokenizer(Tokenizer):
         except Exception as exc:  # network, missing repo, bad files: all surface the same way
             raise DataError(
                 f"cannot load tokenizer 'hf:{name_or_path}' ({_first_line(exc)}); "
-                "check the model name or local path"
+                f"{_hub_hint(name_or_path)}"
             ) from exc
         if tok.eos_token_id is None:
             raise DataError(
@@ -310,6 +310,21 @@ class HFTokenizer(Tokenizer):
             )
         enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), _token_classes(char_classes, enc["offset_mapping"])
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_hint(name_or_path: str) -> str:
+    """What to do when a Hugging Face tokenizer does not load: offline (compute nodes without
+    network, docs/cluster.md), a Hub name must already be in the Hugging Face cache."""
+    if _hub_offline() and not Path(name_or_path).exists():
+        return ("the Hub is off (HF_HUB_OFFLINE) and it is not in the Hugging Face cache: "
+                f"run `hf download {name_or_path} --include '*.json'` where there is network "
+                "(same HF_HOME), or pass a local directory")
+    return "check the model name or local path"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -56,6 +56,7 @@ from evals.suite.record import (
 )
 from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table
 from evals.training.budget import plan_training
+from evals.training.loop import for_world
 from mor.errors import ConfigError
 
 DEFAULT_CACHE = Path(os.environ.get("MOR_BENCH_CACHE", Path.home() / ".cache" / "mor-bench"))
@@ -694,7 +695,7 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     run_dir, runs, suite_info, suite_event = _prepare(suite, out_root, corpus, cache_dir,
                                                       resume, 1, emit)
     todo = _announce(runs, run_dir, resume, emit, suite_event)
-    train_cfg = dataclasses.asdict(suite.train)
+    train_cfg = dataclasses.asdict(for_world(suite.train, 1))
     ctx = mp.get_context("spawn")
     status_queue = ctx.Queue()
     # SIGTERM (a CI timeout, `kill`, a scheduler's preemption) as KeyboardInterrupt: the
@@ -765,7 +766,7 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
         out = emit if info.is_main else ignore
         todo = D.broadcast_object(info, _announce(runs, run_dir, resume, out, suite_event)
                                   if info.is_main else None)
-        train_cfg = dataclasses.asdict(suite.train)
+        train_cfg = dataclasses.asdict(for_world(suite.train, info.world_size))
         records, failed = [], []
         t0 = time.perf_counter()
         for i, spec in enumerate(runs, 1):
@@ -930,7 +931,7 @@ def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:
     if spec.config.vocab_size == vocab_size:
         return spec
     cfg = spec.config.replace(vocab_size=vocab_size)
-    t = suite.train
+    t = for_world(suite.train, spec.plan.world_size)
     plan = plan_training(cfg, spec.budget, suite.data.seq_len, t.batch_size, t.grad_accum,
                          spec.plan.world_size, spec.plan.step_rule)
     return dataclasses.replace(spec, config=cfg, plan=plan)

@@ -3,7 +3,12 @@
 The paper's isoFLOP protocol (docs/protocol.md §5): fix a forward-FLOPs budget C (paper
 convention) and train each model on C / FLOPs-per-token tokens, so a MoR model, cheaper per
 token, sees more tokens. A "fixed-token" budget instead holds the tokens and reports the
-FLOPs used. Steps are rounded DOWN so a run never exceeds its budget.
+FLOPs used. Two step rules (docs/protocol.md §5, "Step rules"):
+
+* "floor" (the default): the paper convention of `mor.flops`, whole steps rounded DOWN,
+  so a run never spends more than its budget in that convention.
+* "reference": the step counts of the paper's released training configs, reproduced
+  exactly for every 360M model of Table 3 (`reference_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -46,9 +51,49 @@ class Budget:
         return f"{self.value:.6g}".replace("+", "") + ("F" if self.kind == "flops" else "T")
 
 
-STEP_RULES = ("floor",)
+STEP_RULES = ("floor", "reference")
 """How a budget becomes a step count (`plan_training`): "floor" (mor-bench's rule: whole
-steps, rounded down so a run never exceeds its budget)."""
+steps under the paper FLOPs convention, rounded down so a run never exceeds its budget) or
+"reference" (the rule that reproduces the step counts of the paper's released configs:
+`reference_flops_per_token`, rounded down; docs/protocol.md §5)."""
+
+
+def reference_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token as the paper's released configs count them (the "reference"
+    step rule; docs/protocol.md §5). The paper convention of `mor.flops` with two changes,
+    reconstructed from the configs' step counts (the released code holds only the results):
+
+    * attention counts the ordered pairs of DISTINCT tokens a causal layer relates: a layer
+      over k tokens costs 4 d * k(k-1)/2 FLOPs (QK^T and AV) per sequence, i.e.
+      2 d k(k-1) / T per token of the sequence (the paper convention: 2 d k^2 / T);
+    * a MoR step r runs on k_r = round(c_r T) whole tokens (the paper convention uses the
+      fraction c_r itself), for its linear layers and its attention alike.
+
+    Under recursive KV sharing a step r > 1 has no K/V projections and its k_r queries read
+    the first recursion's keys of all T positions: 2 d k_r per token, as in the paper
+    convention. Token-choice MoR is counted under perfect balance (the capacities)."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+    d, t = cfg.d_model, seq_len
+    mlp = 3 * d * cfg.d_ff
+    linear = 2 * (4 * d * d + mlp)          # GQA ignored, as in the paper convention
+    linear_no_kv = 2 * (2 * d * d + mlp)    # q and o projections + MLP
+
+    def attention(k: int) -> float:
+        return 2 * d * k * (k - 1) / t
+
+    edge_layers = cfg.num_unique_first + cfg.num_unique_last
+    total = edge_layers * (linear + attention(t))
+    if cfg.family != "mor":
+        return float(total + cfg.num_shared * cfg.num_recursions * (linear + attention(t)))
+    for r, c in enumerate(cfg.step_capacities, 1):
+        k = max(1, math.floor(c * t + 0.5))  # whole tokens, rounded half up
+        if cfg.kv == "share" and r > 1:
+            step = linear_no_kv * k / t + 2 * d * k
+        else:
+            step = linear * k / t + attention(k)
+        total += cfg.num_shared * step
+    return float(total)
 
 
 @dataclass(frozen=True)
@@ -59,7 +104,8 @@ class TrainPlan:
     tokens: int
     flops_per_token: float         # forward, paper convention
     flops_per_token_exact: float   # forward, exact convention
-    flops_used: float              # tokens * flops_per_token (the budget the run spends)
+    flops_used: float              # tokens * flops_per_token (the budget the run spends; the
+                                   # "reference" rule may pass C by a hair, docs/protocol.md §5)
     world_size: int = 1            # data-parallel processes the global batch is split over
     step_rule: str = "floor"       # STEP_RULES: how the budget became `steps`
 
@@ -70,7 +116,10 @@ class TrainPlan:
 def plan_training(cfg: ModelConfig, budget: Budget, seq_len: int, batch_size: int,
                   grad_accum: int = 1, world_size: int = 1, rule: str = "floor") -> TrainPlan:
     """The run's length. `batch_size` is per process and micro-batch; the step count comes
-    from the GLOBAL batch (batch_size x grad_accum x world_size sequences)."""
+    from the GLOBAL batch (batch_size x grad_accum x world_size sequences). `rule` (one of
+    STEP_RULES) says how a FLOPs budget is counted; both rules round down, and both treat a
+    token budget alike (whole steps, rounded down). The plan's FLOPs figures are always the
+    paper convention and the exact count, whatever the rule."""
     if rule not in STEP_RULES:
         raise ConfigError(f"step_rule: must be one of {', '.join(STEP_RULES)}, got {rule!r}")
     if not isinstance(world_size, int) or world_size < 1:
@@ -80,13 +129,13 @@ def plan_training(cfg: ModelConfig, budget: Budget, seq_len: int, batch_size: in
                           f"{cfg.max_seq_len}; lower seq_len or override max_seq_len")
     tokens_per_step = batch_size * seq_len * grad_accum * world_size
     fpt = flops.flops_per_token(cfg, seq_len, "paper")
+    # FLOPs a token costs under the rule (1: a token budget counts tokens).
+    per_token = 1.0
     if budget.flops is not None:
-        target_tokens = budget.flops / fpt
-    else:
-        target_tokens = float(budget.tokens)
-    steps = math.floor(target_tokens / tokens_per_step)
+        per_token = fpt if rule == "floor" else reference_flops_per_token(cfg, seq_len)
+    steps = math.floor(budget.value / per_token / tokens_per_step)
     if steps < 1:
-        need = tokens_per_step * (fpt if budget.kind == "flops" else 1)
+        need = tokens_per_step * per_token
         raise ConfigError(f"budget {budget.kind}={budget.value:.3g} is too small for one "
                           f"step of {tokens_per_step} tokens; need at least {need:.3g}")
     tokens = steps * tokens_per_step

@@ -52,7 +52,11 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (per process)."""
+    global_batch: int | None = None
+    """Sequences per optimizer step over ALL processes. When set, grad_accum is derived:
+    global_batch / (batch_size x world_size), which must be a whole number -- so the same
+    suite keeps the paper's batch on 1, 8 or 64 GPUs (`for_world`)."""
     lr: float = 3e-3
     """Peak learning rate (the paper's 3e-3)."""
     weight_decay: float = 0.1
@@ -114,6 +118,12 @@ class TrainConfig:
                                          or isinstance(self.threads, bool) or self.threads < 1):
             raise ConfigError(f"train field 'threads': must be a positive integer, got "
                               f"{self.threads!r}")
+        if self.global_batch is not None and (
+                not isinstance(self.global_batch, int) or isinstance(self.global_batch, bool)
+                or self.global_batch < self.batch_size
+                or self.global_batch % self.batch_size):
+            raise ConfigError(f"train field 'global_batch': must be a multiple of batch_size="
+                              f"{self.batch_size}, got {self.global_batch!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError(f"train field 'checkpoint_every': must be an integer >= 0, got "
                               f"{self.checkpoint_every!r}")
@@ -132,6 +142,22 @@ class TrainConfig:
             raise ConfigError(f"train field 'device': must be auto, cpu or cuda, got "
                               f"{self.device!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
+
+
+def for_world(tcfg: TrainConfig, world_size: int) -> TrainConfig:
+    """The config one of `world_size` data-parallel processes trains with: with
+    `global_batch` set, grad_accum = global_batch / (batch_size x world_size)."""
+    if tcfg.global_batch is None:
+        return tcfg
+    per_step = tcfg.batch_size * world_size
+    if tcfg.global_batch % per_step:
+        raise ConfigError(
+            f"train field 'global_batch' = {tcfg.global_batch} is not a multiple of batch_size "
+            f"x processes = {tcfg.batch_size} x {world_size}; choose a batch_size or a "
+            "number of processes that divides it")
+    import dataclasses
+
+    return dataclasses.replace(tcfg, grad_accum=tcfg.global_batch // per_step)
 
 
 def param_groups(model: CausalLM, weight_decay: float) -> list[dict]:
