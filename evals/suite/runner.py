@@ -225,8 +225,9 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         model = load_checkpoint(out_dir).train()
         result = TrainResult(**read_json(finished))
     else:
-        # Kept compact (uint16/int32): iterate_batches widens each batch to int64.
-        train_windows = torch.from_numpy(np.load(data_dir / "train.npy").astype(np.int32))
+        # Memory-mapped and kept compact (uint16/int32): every process of a torchrun group
+        # reads only its own batches' rows; iterate_batches widens each batch to int64.
+        train_windows = _load_windows(data_dir / "train.npy")
         model = build_model(spec.config)
         batches = Batches(train_windows, tcfg.batch_size, seed=spec.seed, rank=info.rank,
                           world_size=info.world_size)
@@ -330,6 +331,17 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     write_json_atomic(out_dir / RECORD, record)
     D.barrier(info)
     return record
+
+
+def _load_windows(path: Path):
+    import warnings
+
+    import torch
+
+    array = np.load(path, mmap_mode="r")
+    with warnings.catch_warnings():  # read-only mapping: the loop only ever reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _routing_stats(val: dict[str, float]) -> dict[str, float]:

@@ -64,8 +64,20 @@ def env_world_size() -> int:
                           "launch with torchrun or unset it") from None
 
 
-def init_from_env(device_kind: str = "cpu", timeout_s: float = 1800.0) -> DistInfo:
+DEFAULT_TIMEOUT_S = 7200.0
+"""How long a collective waits before failing (env MOR_BENCH_DIST_TIMEOUT_S): other ranks
+wait in one while rank 0 prepares the suite's data and evaluates each run."""
+
+
+def init_from_env(device_kind: str = "cpu", timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun describes (idempotent); one process: `SINGLE`."""
+    if timeout_s is None:
+        raw = os.environ.get("MOR_BENCH_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable MOR_BENCH_DIST_TIMEOUT_S={raw!r} is not "
+                              "a number of seconds") from None
     world = env_world_size()
     if world <= 1:
         return SINGLE
