@@ -296,12 +296,15 @@ def render_html(run_dir: str | Path, *, records: list[dict[str, Any]] | None = N
         figures = _figures(run_dir, records)
     tables = _tables(run_dir, records, report)
     ok = [r for r in records if r.get("status") == "ok"]
-    failed = [r for r in records if r.get("status") != "ok"]
+    failed = [r for r in records if r.get("status") == "failed"]
+    interrupted = [r for r in records if r.get("status") == "interrupted"]
     suite = records[0].get("suite", {}) if records else {}
     title = f"mor-bench report: {suite.get('name') or run_dir.name}"
     figs_html, n_figs = _figures_html(figures)
     status = (f'<span class="badge">{len(ok)} ok</span> '
-              + (f'<span class="badge bad">{len(failed)} failed</span>' if failed else ""))
+              + (f'<span class="badge bad">{len(failed)} failed</span>' if failed else "")
+              + (f' <span class="badge bad">{len(interrupted)} interrupted</span>'
+                 if interrupted else ""))
     sections = [
         '<h2 id="results">Results</h2>',
         f"<p>{status}</p>",

@@ -210,7 +210,9 @@ def render_report(run_dir: str | Path) -> dict[str, Any]:
     layout = paper_layout(table, tests)
     view = paper_view(table)
     ok = [r for r in records if r.get("status") == "ok"]
-    failed = [r for r in records if r.get("status") != "ok"]
+    failed = [r for r in records if r.get("status") == "failed"]
+    interrupted = [r for r in records if r.get("status") == "interrupted"]
+    resumed = [r["run_id"] for r in ok if r.get("resumed")]
     suite = records[0].get("suite", {})
     hw = ok[0]["provenance"]["hardware"] if ok else {}
     git = ok[0]["provenance"]["git"] if ok else {}
@@ -222,7 +224,11 @@ def render_report(run_dir: str | Path) -> dict[str, Any]:
         f"- suite: `{suite.get('source')}` (sha256 {str(suite.get('sha256'))[:12]})",
         f"- hardware: {hardware_summary(hw) if hw else 'unknown'}",
         f"- code: {git.get('commit') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}",
-        f"- runs: {len(ok)} ok, {len(failed)} failed",
+        f"- runs: {len(ok)} ok, {len(failed)} failed"
+        + (f", {len(interrupted)} interrupted (continue with `mor-bench run SUITE --resume "
+           f"{run_dir}`)" if interrupted else ""),
+        f"- resumed after an interruption: {', '.join(resumed)} (their times count each "
+        "completed step once; the work lost to the kill is not in them)" if resumed else None,
         "- MoR `val_nll` uses top-k routing over each window (the paper's protocol; it is "
         "NOT causal: later tokens decide which earlier tokens recurse). `val_nll_causal` "
         "routes each token by its own router (sigmoid > 0.5) and is causal."

@@ -180,7 +180,7 @@ class Metrics(TypedDict, total=False):
 
 class Record(TypedDict):
     schema: str                     # == SCHEMA
-    status: Literal["ok", "failed"]
+    status: Literal["ok", "failed", "interrupted"]  # interrupted: resumable (--resume)
     run_id: str
     model_name: str
     preset: str
@@ -195,6 +195,12 @@ class Record(TypedDict):
     finished_at: str                # UTC ISO-8601, seconds
     provenance: NotRequired[dict[str, Any]]  # git, versions, hardware, argv
     error: NotRequired[str]         # failed records only
+    diagnostics: NotRequired[dict[str, Any]]  # a diverged run: last finite step, LR, grad norms
+    interrupted_at_step: NotRequired[int]     # interrupted records: the checkpointed step
+    attempt: NotRequired[int]       # 1, or 2 when --resume retried a failed run
+    resumed: NotRequired[list[dict[str, Any]] | None]  # [{from_step, checkpoint}] per resume
+    distributed: NotRequired[dict[str, Any]]  # world_size, parallel, global_batch_sequences
+    backend: NotRequired[dict[str, Any]]      # TF32 / cuDNN / SDPA / deterministic in force
     # ok records only:
     params: NotRequired[dict[str, int]]       # total, unique, non_embedding
     layer_plan: NotRequired[str]

@@ -172,10 +172,18 @@ def test_sigterm_saves_exits_0_and_resumes(uninterrupted, tmp_path):
     rec = json.loads((run_dir / RUNS[1] / "record.json").read_text())
     assert rec["status"] == "interrupted" and rec["interrupted_at_step"] >= 4
     assert f"step-{rec['interrupted_at_step']:08d}" in _checkpoints(run_dir, RUNS[1])
+    from reports.table import render_report
+
+    render_report(run_dir)  # the report of an interrupted suite says so
+    assert "1 interrupted (continue with `mor-bench run SUITE --resume" in (
+        run_dir / "report.md").read_text()
     done = subprocess.run(_cli("run", str(tmp_path / "suite.toml"), "--resume", str(run_dir)),
                           env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     _assert_same(run_dir, uninterrupted)
+    report = (run_dir / "report.md").read_text()
+    assert f"resumed after an interruption: {RUNS[1]}" in report
+    assert json.loads((run_dir / RUNS[1] / "record.json").read_text())["attempt"] == 1
 
 
 def test_resume_refuses_a_changed_suite(uninterrupted, tmp_path):
