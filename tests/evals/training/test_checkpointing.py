@@ -162,3 +162,18 @@ def test_unwritable_checkpoint_dir_names_the_path(tmp_path, one_thread):
     model, tcfg, plan, batches = _setup("vanilla", checkpoint_every=1)
     with pytest.raises(ckpt.CheckpointError, match=str(blocker)):
         _train(model, tcfg, plan, batches, checkpoint_dir=blocker / "checkpoints")
+
+
+def test_out_of_memory_names_the_batch_and_suggests_grad_accum(monkeypatch, one_thread):
+    """An allocator failure in a step (raised here: a CPU cannot be made to run out of GPU
+    memory on demand) becomes one message with the batch size and the fix."""
+    from evals.training import loop
+
+    def oom(self, step, micro):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop.TrainStep, "__call__", oom)
+    model, tcfg, plan, batches = _setup("vanilla")
+    with pytest.raises(loop.TrainingOutOfMemory,
+                       match=r"batch_size=4 .*batch_size = 2, grad_accum = 4"):
+        _train(model, tcfg, plan, batches)
