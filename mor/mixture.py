@@ -59,6 +59,7 @@ from mor.routing import (
     forward_mode,
     gather_tokens,
     scatter_tokens,
+    selection_sizes,
     step_logits,
     token_choice,
     topk_select,
@@ -297,10 +298,14 @@ class MoRLM(CausalLM):
         h1, cur = h, h
         stats: dict[str, Tensor] = {}
         kv_store: list = []
-        for r in range(1, nr + 1):
-            selected = depths >= r
+        # Every step's selection is known up front (depth >= r), so the token counts that
+        # shape the steps' sub-sequences are read in one host sync for the whole pass (one
+        # torch.compile graph break, outside the loop: docs/gpu.md §3).
+        selections = [depths >= r for r in range(1, nr + 1)]
+        sizes = selection_sizes(torch.stack(selections))
+        for r, selected in enumerate(selections, 1):
             self._selection_stats(stats, r, selected)
-            idx, valid = compact_selection(selected)
+            idx, valid = compact_selection(selected, sizes[r - 1])
             if idx is None:
                 continue
             x = gather_tokens(cur, idx)

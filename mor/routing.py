@@ -206,19 +206,32 @@ def scatter_tokens(h: Tensor, idx: Tensor, values: Tensor) -> Tensor:
     return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), values)
 
 
-def compact_selection(selected: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def selection_sizes(selected: Tensor) -> list[tuple[int, int]]:
+    """Boolean selections [..., B, T] -> for each leading index, (the largest, the smallest)
+    number of tokens a row of it selects, read from the device in ONE host sync.
+
+    These counts decide the shapes of the compacted sub-sequences, so they must reach
+    Python; reading all of a pass's counts at once keeps that to one synchronisation (and
+    one `torch.compile` graph break, docs/gpu.md) instead of two per recursion step."""
+    counts = selected.sum(-1)
+    sizes = torch.stack((counts.amax(-1), counts.amin(-1)), -1).reshape(-1, 2).tolist()
+    return [(hi, lo) for hi, lo in sizes]
+
+
+def compact_selection(selected: Tensor, sizes: tuple[int, int] | None = None
+                      ) -> tuple[Tensor | None, Tensor | None]:
     """Boolean [B, T] -> (idx [B, K], valid [B, K] or None when every row has K tokens).
 
     Row b lists its selected positions in increasing order, then (padding, valid=False) the
     first unselected ones; K is the largest count in the batch. (None, None) if nothing is
-    selected anywhere."""
-    counts = selected.sum(1)
-    k = int(counts.max())
-    if k == 0:
+    selected anywhere. `sizes`: the (largest, smallest) row counts when the caller already
+    read them (`selection_sizes`); otherwise they are read here, in one host sync."""
+    hi, lo = selection_sizes(selected)[0] if sizes is None else sizes
+    if hi == 0:
         return None, None
     t = selected.shape[1]
     key = (~selected).long() * t + torch.arange(t, device=selected.device)
-    idx = key.argsort(dim=1)[:, :k]
-    if bool((counts == k).all()):
+    idx = key.argsort(dim=1)[:, :hi]
+    if lo == hi:
         return idx, None
-    return idx, torch.arange(k, device=selected.device) < counts.unsqueeze(1)
+    return idx, torch.arange(hi, device=selected.device) < selected.sum(1).unsqueeze(1)
