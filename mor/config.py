@@ -35,6 +35,18 @@ _ROUTER_DEFAULTS = {
 }
 MAX_RECURSIONS = 4  # the paper's range (N_r in 1..4); more is untested territory
 
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int to Python, not to a config file)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float, not a bool: NaN and infinity pass every `<`/`>` test the wrong
+    way, so they are rejected before any range check."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
 # Backbone shapes. Paper presets: docs/method.md §1 (head_dim 64 everywhere, vocab of the
 # SmolLM tokenizer). CPU presets keep the same architecture at sizes that train on 2 cores;
 # their vocab is the byte tokenizer's (256 bytes + EOS) and is replaced by the suite's
@@ -176,8 +188,14 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                      "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 fail(name, f"must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                fail(name, f"must be a finite number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            fail("tie_embeddings", f"must be true or false, got {self.tie_embeddings!r}")
         if self.family not in FAMILIES:
             fail("family", f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
         if self.sharing not in SHARING:
@@ -185,9 +203,7 @@ class ModelConfig:
                  f"{', '.join(SHARING)}")
         if self.n_heads % self.n_kv_heads:
             fail("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int)
-                                          or isinstance(self.head_dim, bool)
-                                          or self.head_dim < 1):
+        if self.head_dim is not None and (not _is_int(self.head_dim) or self.head_dim < 1):
             fail("head_dim", f"must be a positive integer, got {self.head_dim!r}")
         hd = self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
         if self.head_dim is None and self.d_model % self.n_heads:
@@ -204,7 +220,7 @@ class ModelConfig:
         if not self.tie_embeddings:
             fail("tie_embeddings", "only tied embeddings are supported (as in the paper)")
         nr = self.num_recursions
-        if not isinstance(nr, int) or isinstance(nr, bool) or not 1 <= nr <= MAX_RECURSIONS:
+        if not _is_int(nr) or not 1 <= nr <= MAX_RECURSIONS:
             fail("num_recursions", f"must be an integer in 1..{MAX_RECURSIONS}, got {nr!r}")
         if self.family == "vanilla" and nr != 1:
             fail("num_recursions", "a vanilla model has no recursions; use family='recursive' "
@@ -221,15 +237,6 @@ class ModelConfig:
                 fail("num_recursions", f"N_r={nr} does not fit n_layers={self.n_layers} with "
                      f"{self.sharing}: need {what} >= num_recursions; lower num_recursions "
                      "or add layers")
-        if self.capacities is not None:
-            caps = tuple(self.capacities)
-            if len(caps) != nr:
-                fail("capacities", f"needs one value per recursion step ({nr}), got {len(caps)}")
-            if any(not 0 < c <= 1 for c in caps):
-                fail("capacities", f"each capacity must be in (0, 1], got {list(caps)}")
-            if any(b > a for a, b in zip(caps, caps[1:])):
-                fail("capacities", f"must be non-increasing (hierarchical filtering), got "
-                     f"{list(caps)}")
 
     def _validate_routing(self, fail) -> None:
         """Routing fields: valid values, and no combination the model cannot run."""
@@ -237,6 +244,9 @@ class ModelConfig:
         routing = ("router", "kv", "capacities", "router_arch", "router_func", "router_alpha",
                    "aux_loss_coef", "expert_aux", "router_z_coef", "capacity_warmup_steps",
                    "balancing", "balance_coef", "bias_update_rate", "eval_routing")
+        if not _is_int(self.capacity_warmup_steps):  # False == 0.0 == 0, the default
+            fail("capacity_warmup_steps", f"must be an integer >= 0, got "
+                 f"{self.capacity_warmup_steps!r}")
         if self.family != "mor":
             for name in routing:
                 if getattr(self, name) != fields[name]:
@@ -248,6 +258,15 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("router_alpha", "router_z_coef"):  # None: the router's default
+            value = getattr(self, name)
+            if value is not None and not _is_real(value):
+                fail(name, f"must be a finite number, got {value!r}")
+        for name in ("aux_loss_coef", "balance_coef", "bias_update_rate"):
+            if not _is_real(getattr(self, name)):
+                fail(name, f"must be a finite number, got {getattr(self, name)!r}")
+        if self.capacities is not None:
+            self._validate_capacities(fail)
         funcs = ROUTER_FUNCS[self.router]
         if self.router_func is not None and self.router_func not in funcs:
             fail("router_func", f"{self.router}-choice routers score with "
@@ -264,7 +283,7 @@ class ModelConfig:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if self.router_z_coef is not None and self.router_z_coef < 0:
             fail("router_z_coef", f"must be >= 0, got {self.router_z_coef}")
-        if not isinstance(self.capacity_warmup_steps, int) or self.capacity_warmup_steps < 0:
+        if not _is_int(self.capacity_warmup_steps) or self.capacity_warmup_steps < 0:
             fail("capacity_warmup_steps", f"must be an integer >= 0, got "
                  f"{self.capacity_warmup_steps!r}")
         if self.router == "token":
@@ -286,6 +305,21 @@ class ModelConfig:
                 and self.capacities[0] < 1.0):
             fail("kv", "recursive KV sharing reuses the FIRST recursion's keys/values for the "
                  "whole sequence, so capacities[0] must be 1.0")
+
+    def _validate_capacities(self, fail) -> None:
+        """Expert-choice capacities: one finite fraction in (0, 1] per step, non-increasing."""
+        nr, caps = self.num_recursions, self.capacities
+        if (not isinstance(caps, list | tuple)
+                or not all(isinstance(c, int | float) and not isinstance(c, bool) for c in caps)):
+            fail("capacities", f"must be a list of {nr} numbers in (0, 1], one per recursion "
+                 f"step, got {caps!r}")
+        if len(caps) != nr:
+            fail("capacities", f"needs one value per recursion step ({nr}), got {len(caps)}")
+        if any(not 0 < c <= 1 for c in caps):  # NaN fails this test too
+            fail("capacities", f"each capacity must be in (0, 1], got {list(caps)}")
+        if any(b > a for a, b in zip(caps, caps[1:])):
+            fail("capacities", f"must be non-increasing (hierarchical filtering), got "
+                 f"{list(caps)}")
 
     # --- derived views ---------------------------------------------------------------------
     @property
@@ -334,6 +368,9 @@ class ModelConfig:
     # --- construction / serialisation ----------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if not isinstance(name, str):
+            raise ConfigError(f"preset must be a preset name (a string), got {name!r}; "
+                              f"available presets: {', '.join(PRESETS)}")
         key = name.lower()
         if key not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; available presets: "
@@ -342,8 +379,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a table of fields, got {data!r}")
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=repr)
         if unknown:
             raise ConfigError(f"unknown model config field(s) {', '.join(map(repr, unknown))}; "
                               f"valid fields: {', '.join(sorted(names))}")

@@ -129,8 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit flush
         return 0
     except _user_errors() as e:  # anything else is a bug: its full traceback
-        print(f"mor-bench: error: {e}", file=sys.stderr)
+        print(f"mor-bench: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: a message can quote user text (a TOML parser's
+    excerpt, a file name) that holds line breaks, and the contract is one line on stderr."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -587,7 +587,7 @@ def _prepare(suite: Suite, out_root: Path, corpus: str | None, cache_dir: Path,
              resume: Path | None, world_size: int, emit: OnEvent):
     """Validate, then make (or, resuming, check) the suite run directory and its data.
     Returns (run_dir, runs, suite_info, suite_event)."""
-    from evals.data.corpus import check_corpus
+    from evals.data.corpus import DataError, check_corpus
     from evals.training.device import resolve_device
     from evals.training.tracking import check_tracking
 
@@ -602,7 +602,13 @@ def _prepare(suite: Suite, out_root: Path, corpus: str | None, cache_dir: Path,
         run_dir = _check_resumable(suite, resume, corpus)
         data_meta = read_json(run_dir / "data" / "data.json")
     else:
-        check_corpus(corpus or suite.data.corpus)
+        if corpus is not None:
+            check_corpus(corpus)  # --corpus: its own message names it
+        else:
+            try:
+                check_corpus(suite.data.corpus)
+            except DataError as e:
+                raise DataError(f"{suite.source}: [data] corpus: {e}") from None
         t_data = time.perf_counter()
         prepared = load_suite_data(suite, corpus, cache_dir)
         run_dir = make_run_dir(out_root, suite.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from evals.data.corpus import DataSpec
+from evals.data.tokenizer import MIN_BPE_VOCAB, TOKENIZER_SPEC_FORMS
 from evals.training.budget import Budget, TrainPlan, plan_training
 from evals.training.loop import TrainConfig
-from mor.config import ModelConfig
+from mor.config import PRESETS, ModelConfig
 from mor.errors import ConfigError
 
 _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models",
@@ -39,6 +41,20 @@ _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "default
 
 BATCH_MODES = ("max",)
 SCHEDULER_CHOICES = ("auto", "sequence", "depth", "both")
+MAX_SEED = 2**32 - 1
+"""Seeds (suite `seeds`, [infer] seed) are 0..2^32-1: what every RNG they feed (torch, numpy,
+Python) accepts, with room for the derived per-epoch and per-request seeds."""
+_INT64 = (-(2**63), 2**63 - 1)  # TOML's integer range; tomllib itself accepts any size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float that is not a bool (NaN passes no range test the right way)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _settings_from_dict(cls, data: dict[str, Any], where: str, kind: str):
@@ -94,31 +110,39 @@ class InferSettings:
         def fail(field: str, msg: str) -> None:
             raise ConfigError(f"infer setting '{field}': {msg}")
 
-        if not isinstance(self.samples, int) or self.samples < 1:
-            fail("samples", f"must be a positive integer, got {self.samples!r}")
-        if not self.gen_mean >= 1:
-            fail("gen_mean", f"must be >= 1, got {self.gen_mean!r}")
-        if not self.gen_std >= 0:
-            fail("gen_std", f"must be >= 0, got {self.gen_std!r}")
+        def integer(field: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, field)
+            if not (optional and v is None) and (not _is_int(v) or v < low):
+                fail(field, f"must be an integer >= {low}, got {v!r}")
+
+        def number(field: str, low: float, strict: bool, optional: bool = False) -> None:
+            v = getattr(self, field)
+            if optional and v is None:
+                return
+            if not _is_real(v) or (v <= low if strict else v < low):
+                fail(field, f"must be a finite number {'>' if strict else '>='} {low:g}, "
+                     f"got {v!r}")
+
+        integer("samples", 1)
+        number("gen_mean", 1, strict=False)
+        number("gen_std", 0, strict=False)
         if isinstance(self.batch_size, str):
             if self.batch_size not in BATCH_MODES:
                 fail("batch_size", f"an integer >= 1 or \"max\", got {self.batch_size!r}")
-        elif not isinstance(self.batch_size, int) or self.batch_size < 1:
+        elif not _is_int(self.batch_size) or self.batch_size < 1:
             fail("batch_size", f"an integer >= 1 or \"max\", got {self.batch_size!r}")
-        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
-            fail("memory_budget_mb", f"must be > 0, got {self.memory_budget_mb!r}")
-        if self.reference_batch < 1:
-            fail("reference_batch", f"must be >= 1, got {self.reference_batch!r}")
-        if not isinstance(self.repeats, int) or self.repeats < 1:
-            fail("repeats", f"must be a positive integer, got {self.repeats!r}")
-        if self.temperature < 0:
-            fail("temperature", f"must be >= 0, got {self.temperature!r}")
+        number("memory_budget_mb", 0, strict=True, optional=True)
+        integer("reference_batch", 1)
+        integer("repeats", 1)
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            fail("seed", f"must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        number("temperature", 0, strict=False)
         if self.kv_capacity not in ("routed", "full"):
             fail("kv_capacity", f"\"routed\" or \"full\", got {self.kv_capacity!r}")
         if self.scheduler not in SCHEDULER_CHOICES:
             fail("scheduler", f"one of {SCHEDULER_CHOICES}, got {self.scheduler!r}")
-        if self.max_len is not None and self.max_len < 2:
-            fail("max_len", f"must be >= 2, got {self.max_len!r}")
+        integer("max_len", 2, optional=True)
+        integer("threads", 1, optional=True)
         if self.device not in ("cpu", "cuda", "auto"):
             fail("device", f"\"cpu\", \"cuda\" or \"auto\", got {self.device!r}")
 
@@ -254,7 +278,19 @@ def load_suite(name_or_path: str) -> Suite:
     if not path.is_file():
         raise ConfigError(f"suite '{name_or_path}' is neither a built-in suite "
                           f"({', '.join(sorted(builtins))}) nor an existing TOML file")
-    return parse_suite(path.read_text(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the suite file ({e.strerror or e}); check "
+                          "its permissions") from None
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not an error
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at line {line}, "
+                          f"offset {e.start}); TOML files are UTF-8: re-save the file as "
+                          "UTF-8") from None
+    return parse_suite(text, str(path))
 
 
 def _check_keys(where: str, table: dict, allowed: set[str], source: str) -> None:
@@ -288,7 +324,7 @@ def _check_types(where: str, table: dict, cls: type, source: str) -> None:
             size = None if "..." in inner else len(inner)
             ok = (isinstance(value, list | tuple) and (size is None or len(value) == size)
                   and all(isinstance(v, number) and not isinstance(v, bool) for v in value))
-            want = f"a list of {size or 'some'} numbers"
+            want = f"a list of {size} numbers" if size else "a list of numbers"
         else:
             continue
         if not ok:
@@ -304,8 +340,9 @@ def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
     values = values if isinstance(values, list) else [values]
     if not values:
         raise ConfigError(f"{source}: {where}.{kind} is empty")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ConfigError(f"{source}: {where}.{kind} must hold numbers, got {values!r}")
+    if not all(_is_real(v) and v > 0 for v in values):
+        raise ConfigError(f"{source}: {where}.{kind} must hold finite numbers > 0, got "
+                          f"{values!r}")
     if kind == "tokens" and any(float(v) != int(v) for v in values):
         raise ConfigError(f"{source}: {where}.tokens must be whole numbers, got {values!r}")
     if len({f"{float(v):.6g}" for v in values}) != len(values):
@@ -321,19 +358,86 @@ def _budgets(table: Any, where: str, source: str) -> tuple[Budget, ...]:
         raise ConfigError(f"{source}: {where}.{kind} must hold numbers, got {values!r}") from None
 
 
+def _check_int_range(value: Any, where: str, source: str) -> None:
+    """TOML integers are 64-bit; tomllib accepts any size, so a 30-digit seed or batch size
+    would reach torch (or a string conversion limit) and fail deep inside a run."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            _check_int_range(v, f"{where}.{key}" if where else str(key), source)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_int_range(v, f"{where}[{i}]", source)
+    elif _is_int(value) and not _INT64[0] <= value <= _INT64[1]:
+        raise ConfigError(f"{source}: '{where}' is an integer of {value.bit_length()} bits, "
+                          "outside TOML's 64-bit range; use a smaller value")
+
+
+def _check_name(value: Any, what: str, source: str) -> str:
+    """A suite or model name: it becomes part of a directory name under --out."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{source}: {what} needs a 'name' (a non-empty string)"
+                          + ("" if value is None else f", got {value!r}"))
+    bad = sorted({c for c in value if c in "/\\" or not c.isprintable()})
+    if bad or value in (".", ".."):
+        raise ConfigError(f"{source}: {what} name {value!r} cannot name a directory"
+                          + (f" (it contains {', '.join(map(repr, bad))})" if bad else "")
+                          + "; use letters, digits, '-', '_' or '.'")
+    return value
+
+
+def _check_data(data: DataSettings, source: str) -> None:
+    """[data] values beyond their types (checked before)."""
+    if not data.corpus:
+        raise ConfigError(f"{source}: [data] corpus is empty; use 'synthetic', a file, a "
+                          "directory, a glob or hf:DATASET")
+    tok = data.tokenizer
+    if tok.startswith("bpe:"):
+        size = tok[4:]
+        if not size.isdigit() or int(size) < MIN_BPE_VOCAB:
+            raise ConfigError(f"{source}: [data] tokenizer {tok!r}: the BPE vocabulary size "
+                              f"must be an integer >= {MIN_BPE_VOCAB}, e.g. 'bpe:8192'")
+    elif tok != "bytes" and not (tok.startswith("hf:") and len(tok) > 3):
+        raise ConfigError(f"{source}: [data] tokenizer {tok!r} is unknown; use "
+                          f"{TOKENIZER_SPEC_FORMS}")
+    if not isinstance(data.seq_len, int) or data.seq_len < 2:
+        raise ConfigError(f"{source}: [data] seq_len must be an integer >= 2, got "
+                          f"{data.seq_len!r}")
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"{source}: [data] val_fraction must be in (0, 1), got "
+                          f"{data.val_fraction!r}")
+    if not isinstance(data.val_windows, int) or data.val_windows < 1:
+        raise ConfigError(f"{source}: [data] val_windows must be a positive integer, got "
+                          f"{data.val_windows!r}")
+    # Two documents at least: one for training, one for validation.
+    if data.synthetic_docs < 2:
+        raise ConfigError(f"{source}: [data] synthetic_docs must be an integer >= 2 (a "
+                          f"training and a validation document), got {data.synthetic_docs!r}")
+    if data.max_docs is not None and data.max_docs < 2:
+        raise ConfigError(f"{source}: [data] max_docs must be an integer >= 2 (a training "
+                          f"and a validation document), got {data.max_docs!r}")
+
+
 def parse_suite(text: str, source: str) -> Suite:
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, or int() past Python's 4300-digit limit
         raise ConfigError(f"{source}: not valid TOML ({e}); fix the file's syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid TOML (arrays or tables nested too deeply); "
+                          "fix the file's syntax") from None
     _check_keys("the top level", raw, _TOP_KEYS, source)
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
+    _check_int_range(raw, "", source)
+    if "name" not in raw:
         raise ConfigError(f"{source}: missing 'name' (a string naming the suite)")
+    name = _check_name(raw["name"], "the suite", source)
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"{source}: 'description' must be a string, got {description!r}")
     seeds = raw.get("seeds", [0])
     if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers")
+            or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds)):
+        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers in "
+                          f"0..{MAX_SEED}, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{source}: 'seeds' lists a seed twice ({seeds}); each seed is one "
                           "run, list it once")
@@ -343,12 +447,7 @@ def parse_suite(text: str, source: str) -> Suite:
                 source)
     _check_types("[data]", data_raw, DataSettings, source)
     data = DataSettings(**data_raw)
-    if not isinstance(data.seq_len, int) or data.seq_len < 2:
-        raise ConfigError(f"{source}: [data] seq_len must be an integer >= 2")
-    if not 0 < data.val_fraction < 1:
-        raise ConfigError(f"{source}: [data] val_fraction must be in (0, 1)")
-    if not isinstance(data.val_windows, int) or data.val_windows < 1:
-        raise ConfigError(f"{source}: [data] val_windows must be a positive integer")
+    _check_data(data, source)
 
     train_raw = raw.get("train", {})
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -375,9 +474,7 @@ def parse_suite(text: str, source: str) -> Suite:
         where = f"[[models]] #{i + 1}"
         _check_keys(where, entry, set(entry) if isinstance(entry, dict) else set(), source)
         entry = {**defaults, **entry}
-        mname = entry.pop("name", None)
-        if not isinstance(mname, str) or not mname or "/" in mname:
-            raise ConfigError(f"{source}: {where} needs a 'name' (a string without '/')")
+        mname = _check_name(entry.pop("name", None), where, source)
         if mname in seen:
             raise ConfigError(f"{source}: model name {mname!r} appears twice; names must be "
                               "unique")
@@ -386,6 +483,9 @@ def parse_suite(text: str, source: str) -> Suite:
         budgets = (_budgets(entry.pop("budget"), f"{where} budget", source)
                    if "budget" in entry else suite_budgets)
         preset = entry.pop("preset", None)
+        if preset is not None and (not isinstance(preset, str) or not preset):
+            raise ConfigError(f"{source}: {where}: 'preset' must name a preset ("
+                              f"{', '.join(PRESETS)}), got {preset!r}")
         if "vocab_size" not in entry and data.planned_vocab() is not None:
             entry["vocab_size"] = data.planned_vocab()
         _check_types(where, entry, ModelConfig, source)
@@ -420,7 +520,7 @@ def parse_suite(text: str, source: str) -> Suite:
         if not isinstance(raw["speed"], dict):
             raise ConfigError(f"{source}: [speed] must be a table of benchmark settings")
         speed = SpeedSettings.from_dict(raw["speed"], where=f"{source}: [speed] ")
-    return Suite(name=name, description=str(raw.get("description", "")), source=source,
+    return Suite(name=name, description=description, source=source,
                  text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
                  evaluation=evaluation, infer=infer, speed=speed)
 
@@ -430,7 +530,9 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
     `world_size` data-parallel processes); raises before any compute if a budget cannot
     fund a single step."""
     runs: list[RunSpec] = []
-    t = suite.train
+    from evals.training.loop import for_world
+
+    t = for_world(suite.train, world_size)  # grad_accum from [train] global_batch
     for m in suite.models:
         try:
             plans = [plan_training(m.config, b, suite.data.seq_len, t.batch_size, t.grad_accum,

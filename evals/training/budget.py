@@ -33,7 +33,8 @@ class Budget:
             raise ConfigError("budget: give exactly one of 'flops' (forward FLOPs, paper "
                               "convention) or 'tokens'")
         value = self.flops if self.flops is not None else self.tokens
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+                0 < value < math.inf):
             raise ConfigError(f"budget: must be a positive number, got {value!r}")
 
     @property
