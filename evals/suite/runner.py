@@ -510,8 +510,21 @@ def _interrupted_record(spec: RunSpec, suite_info: dict, out_dir: Path, step: in
     write_json_atomic(out_dir / RECORD, rec)
 
 
+def _child_process(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
+                   status_queue, live: bool, parent_pid: int) -> None:
+    """The target of a run process: tie its life to the suite process, turn SIGTERM/SIGINT
+    into a stop request, then `_child_main`. (The process-wide parts live here, so that
+    `_child_main` can be called in a test's own process.)"""
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before prctl took effect
+    stop = StopFlag()
+    stop.install()
+    _child_main(spec, suite_info, run_dir, train_cfg, status_queue, live, stop=stop)
+
+
 def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
-                status_queue=None, live: bool = False, parent_pid: int | None = None) -> None:
+                status_queue=None, live: bool = False, stop: StopFlag | None = None) -> None:
     """A run process: train, evaluate, save; on any error write a failure record (and the
     traceback to error.txt) and exit 1. The parent reports the failure. SIGTERM/SIGINT:
     save a resumable checkpoint after the current step, record "interrupted", exit
@@ -521,11 +534,7 @@ def _child_main(spec: RunSpec, suite_info: dict, run_dir: str, train_cfg: dict,
     (lm-eval's notes, warnings) goes to RUN_DIR/<run_id>/run.log instead of the terminal."""
     from evals.training.loop import TrainingInterrupted
 
-    _die_with_parent()
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before prctl took effect
-    stop = StopFlag()
-    stop.install()
+    stop = stop or StopFlag()  # never set unless installed (`_child_process`)
     run_dir_p = Path(run_dir)
     out_dir = run_dir_p / spec.run_id
     if live:
@@ -903,7 +912,7 @@ def _run_all(runs, todo, ctx, status_queue, suite_info, run_dir, train_cfg, emit
         t_run = time.perf_counter()
         if rec_file.is_file():  # a previous attempt's record: this attempt writes its own
             rec_file.unlink()
-        proc = ctx.Process(target=_child_main, name=f"mor-bench-{spec.run_id}",
+        proc = ctx.Process(target=_child_process, name=f"mor-bench-{spec.run_id}",
                            args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live,
                                  os.getpid()))
         proc.start()

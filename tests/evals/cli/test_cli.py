@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -592,9 +593,13 @@ def test_failed_run_writes_failure_record(tmp_path, write_suite):
     run_dir.mkdir()  # no data/ inside: the run cannot load its windows
     suite_info = {"name": suite.name, "source": suite.source, "sha256": suite.sha256,
                   "run_dir": str(run_dir)}
+    handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     with pytest.raises(SystemExit) as e:
         _child_main(spec, suite_info, str(run_dir), dataclasses.asdict(suite.train))
     assert e.value.code == 1
+    # Signal handling is the run PROCESS's (`_child_process`): called here, nothing changes
+    # (a handler left behind would be inherited by every later fork, e.g. lm-eval's pool).
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
     rec = json.loads((run_dir / spec.run_id / "record.json").read_text())
     assert rec["status"] == "failed"
