@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mor import flops
 from mor.config import ModelConfig
 from mor.errors import ConfigError
-from mor.layers import Block, RMSNorm, RotaryEmbedding
+from mor.layers import Block, RMSNorm, RotaryEmbedding, fused_enabled, head_and_loss
 
 
 @dataclass
@@ -129,11 +129,21 @@ class CausalLM(nn.Module):
                                   f"{lengths.tolist()}")
         h, aux, stats, depths = self._run_stack(self.embed(input_ids), step, kv_log, lengths,
                                                routing)
-        logits = F.linear(self.norm(h), self.embed.weight)  # tied output head
+        hn = self.norm(h)
+        lm_loss = None
+        if targets is not None and fused_enabled():
+            # F.linear + F.cross_entropy below, fused (mor.layers.head_and_loss).
+            logits, lm_loss = head_and_loss(hn.flatten(0, 1), self.embed.weight,
+                                            targets.flatten(), -100)
+            logits = logits.view(*hn.shape[:-1], -1)
+        else:
+            logits = F.linear(hn, self.embed.weight)  # tied output head
+            if targets is not None:
+                lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                          ignore_index=-100)
         out = ModelOutput(logits=logits, aux_loss=aux, stats=stats, depths=depths, kv=kv_log)
         if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                          ignore_index=-100)
+            out.lm_loss = lm_loss
             out.loss = out.lm_loss if aux is None else out.lm_loss + aux
         return out
 
