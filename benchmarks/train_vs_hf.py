@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baselines.vanilla import hf_llama_config_kwargs, to_hf_state_dict  # noqa: E402
 from evals.perf.train_speed import interleaved_train_speed  # noqa: E402
+from evals.training.device import hardware_info  # noqa: E402
 from evals.training.loop import TrainConfig, TrainStep, make_optimizer, param_groups  # noqa: E402
 from mor import ModelConfig, build_model  # noqa: E402
 
@@ -165,7 +165,8 @@ def run(preset: str = "small", *, batch_size: int = 16, seq_len: int = 256, roun
         "steps_per_round": steps, "warmup_steps": warmup, "dtype": "float32",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "cpu": _cpu_name(), "hf_attn_implementation": hf.config._attn_implementation,
+        "cpu": hardware_info()["cpu"],
+        "hf_attn_implementation": hf.config._attn_implementation,
         "first_loss": {"ours": loss_ours, "hf": loss_hf,
                        "abs_diff": abs(loss_ours - loss_hf)},
         "ours_tokens_per_s": rows["ours"]["tokens_per_s"],
@@ -177,16 +178,6 @@ def run(preset: str = "small", *, batch_size: int = 16, seq_len: int = 256, roun
         res["profile"] = {name: profile_step(model, windows, tcfg, profile_top)
                           for name, model in (("ours", ours), ("hf", adapter))}
     return res
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -770,6 +770,7 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
     train each run data-parallel in this process (no process per run)."""
     from evals.training import distributed as D
     from evals.training.device import resolve_device
+    from evals.training.loop import TrainingInterrupted
 
     info = D.init_from_env(resolve_device(suite.train.device).type)
     stop = StopFlag()
@@ -800,31 +801,24 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
             state, attempts = todo[spec.run_id]
             if state != "run":
                 if info.is_main:
-                    records.append(read_json(run_dir / spec.run_id / RECORD))
-                    suite_event("skip", run_id=spec.run_id, reason=f"{state} already")
-                    if state == "failed":
-                        failed.append(spec.run_id)
+                    _skip(spec, state, run_dir, records, failed, suite_event)
                 continue
-            suite_event("run", index=i, count=len(runs), run_id=spec.run_id,
-                        family=spec.config.family, layers=spec.config.layer_plan,
-                        steps=spec.plan.steps, tokens_per_step=spec.plan.tokens_per_step)
+            _run_started(suite_event, i, len(runs), spec)
             t_run = time.perf_counter()
             sender = EventSender(spec.run_id, emit=out)
             out_dir = run_dir / spec.run_id
             try:
                 rec = execute_run(spec, suite_info, run_dir, train_cfg, sender, info=info,
                                   should_stop=stop)
-            except Exception as e:  # noqa: BLE001 -- recorded as the run's failure
-                from evals.training.loop import TrainingInterrupted
-
-                if isinstance(e, TrainingInterrupted):
-                    if info.is_main:
-                        _interrupted_record(spec, suite_info, out_dir, e.step, stop.signum)
-                        suite_event("interrupted", run_id=spec.run_id, step=e.step)
-                    raise SuiteInterrupted(run_dir, stop.signum or signal.SIGTERM) from None
+            except TrainingInterrupted as e:
+                if info.is_main:
+                    _interrupted_record(spec, suite_info, out_dir, e.step, stop.signum)
+                    suite_event("interrupted", run_id=spec.run_id, step=e.step)
+                raise SuiteInterrupted(run_dir, stop.signum or signal.SIGTERM) from None
+            except Exception as e:  # noqa: BLE001 -- the run's failure record, as a run
+                # process writes it (`_child_main`); the suite goes on with the next run
                 if info.is_main:
                     _failure(spec, suite_info, out_dir, e)
-                rec = None
             if info.is_main:
                 rec = _stamp_attempt(out_dir / RECORD, attempts + 1)
                 records.append(rec)
@@ -843,6 +837,20 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
         return run_dir, records, failed
     finally:
         D.shutdown()
+
+
+def _skip(spec, state: str, run_dir: Path, records: list, failed: list, suite_event) -> None:
+    """A resumed suite's run that is done (or failed twice): keep its record."""
+    records.append(read_json(run_dir / spec.run_id / RECORD))
+    suite_event("skip", run_id=spec.run_id, reason=f"{state} already")
+    if state == "failed":
+        failed.append(spec.run_id)
+
+
+def _run_started(suite_event, index: int, count: int, spec) -> None:
+    suite_event("run", index=index, count=count, run_id=spec.run_id,
+                family=spec.config.family, layers=spec.config.layer_plan,
+                steps=spec.plan.steps, tokens_per_step=spec.plan.tokens_per_step)
 
 
 def _stamp_attempt(rec_file: Path, attempt: int) -> dict:
@@ -901,14 +909,9 @@ def _run_all(runs, todo, ctx, status_queue, suite_info, run_dir, train_cfg, emit
         state, attempts = todo[spec.run_id]
         rec_file = run_dir / spec.run_id / RECORD
         if state != "run":
-            records.append(read_json(rec_file))
-            suite_event("skip", run_id=spec.run_id, reason=f"{state} already")
-            if state == "failed":
-                failed.append(spec.run_id)
+            _skip(spec, state, run_dir, records, failed, suite_event)
             continue
-        suite_event("run", index=i, count=len(runs), run_id=spec.run_id,
-                    family=spec.config.family, layers=spec.config.layer_plan,
-                    steps=spec.plan.steps, tokens_per_step=spec.plan.tokens_per_step)
+        _run_started(suite_event, i, len(runs), spec)
         t_run = time.perf_counter()
         if rec_file.is_file():  # a previous attempt's record: this attempt writes its own
             rec_file.unlink()

@@ -17,6 +17,7 @@ time that same step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import sys
@@ -155,8 +156,6 @@ def for_world(tcfg: TrainConfig, world_size: int) -> TrainConfig:
             f"train field 'global_batch' = {tcfg.global_batch} is not a multiple of batch_size "
             f"x processes = {tcfg.batch_size} x {world_size}; choose a batch_size or a "
             "number of processes that divides it")
-    import dataclasses
-
     return dataclasses.replace(tcfg, grad_accum=tcfg.global_batch // per_step)
 
 
