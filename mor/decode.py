@@ -23,8 +23,9 @@ keys/values loaded into a slot), `step` (one token per slot through the whole mo
 
 Routing while decoding is causal by construction: expert-choice decodes with the causal
 rule (token t takes step r iff it took r-1 and its router -- or aux predictor -- logit is
-> 0; top-k over a sequence needs the future), token-choice with its router's depth; both
-through the rules of `mor.routing` the model's forward uses. With `kv_capacity="routed"` a
+> 0, or the threshold of the model's `RoutingKnob`; top-k over a sequence needs the future),
+token-choice with its router's depth (plus the knob's depth bias); both through the rules of
+`mor.routing` the model's forward uses. With `kv_capacity="routed"` a
 recursion step's cache holds k_r = max(1, floor(c_r * max_len)) tokens (the paper's KV
 memory); a token routed to a step whose cache is full for its sequence stops recursing there
 (counted in `stats["capped"]`); with "full" nothing is ever capped and decoding equals the full
@@ -51,7 +52,13 @@ from mor.errors import ConfigError
 from mor.kv_cache import CacheFullError, KVCache, applications
 from mor.layers import _rotate_half
 from mor.model import CausalLM
-from mor.routing import causal_take, expert_gate, step_logits, token_choice
+from mor.routing import (
+    causal_take,
+    expert_gate,
+    step_logits,
+    step_thresholds,
+    token_choice,
+)
 
 SCHEDULERS = ("auto", "sequence", "depth")
 
@@ -143,6 +150,13 @@ class Engine:
             self._room_entry = torch.tensor([-1, *e, -1], device=self.device)
             self._always = torch.tensor([True] + [c >= 1.0 for c in self.caps] + [False],
                                         device=self.device)
+            # The model's evaluation-time knob (mor.routing.RoutingKnob), read now: thresholds
+            # of the causal rule indexed by step (0 and N_r + 1 unused), token-choice depth bias.
+            self.knob = model.knob
+            thr = step_thresholds(cfg, self.knob)
+            self._threshold = torch.tensor([0.0, *thr, 0.0], device=self.device)
+            self._depth_bias = (None if self.knob is None or self.knob.depth_bias is None
+                                else torch.tensor(self.knob.depth_bias, device=self.device))
         else:
             self.apps = applications(cfg)
         self._arange = torch.arange(max_batch, device=self.device)
@@ -312,7 +326,7 @@ class Engine:
         logits = step_logits(model.routers, h, rec)
         decide = (step_logits(model.predictors, h, rec) if cfg.expert_aux == "router"
                   else logits)
-        take = causal_take(rec <= nr, decide, self._always[rec])
+        take = causal_take(rec <= nr, decide, self._always[rec], self._threshold[rec])
         room = self._room(rec.clamp(max=nr + 1), slots)
         self.stats["capped"] += int((take & ~room).sum())
         return take & room, expert_gate(logits, cfg).to(h.dtype)
@@ -320,7 +334,7 @@ class Engine:
     def _token_route(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Token-choice: (depth [n] in 1..N_r, gate [n]) from the first layer's output."""
         choice, _, gate = token_choice(self.model.router(h).float(), self.cfg,
-                                       self.model.router_bias)
+                                       self.model.router_bias, self._depth_bias)
         return choice + 1, gate.to(h.dtype)
 
     # --- one token per slot through the whole model (sequence-wise) ---------------------------

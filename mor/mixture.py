@@ -61,6 +61,7 @@ from mor.routing import (
     scatter_tokens,
     selection_sizes,
     step_logits,
+    step_thresholds,
     token_choice,
     topk_select,
 )
@@ -185,6 +186,8 @@ class MoRLM(CausalLM):
         cfg = self.cfg
         b, t, _ = h.shape
         caps = capacity_schedule(cfg, step)
+        if not self.training and self.knob is not None and self.knob.capacities is not None:
+            caps = self.knob.capacities  # evaluation-time capacities (RoutingKnob)
         pos = torch.arange(t, device=h.device)
         idx = pos.expand(b, t)  # candidates' positions
         # Real candidates: None when every candidate of every row is real (rectangular).
@@ -256,6 +259,8 @@ class MoRLM(CausalLM):
         cfg = self.cfg
         b, t, _ = h.shape
         caps = cfg.step_capacities
+        thresholds = step_thresholds(cfg, self.knob)
+        trace = self.routing_trace
         selected = torch.ones(b, t, dtype=torch.bool, device=h.device)
         depths = torch.zeros(b, t, dtype=torch.long, device=h.device)
         stats: dict[str, Tensor] = {}
@@ -267,7 +272,9 @@ class MoRLM(CausalLM):
             if not full:
                 decide = (logits if cfg.expert_aux == "loss"
                           else step_logits(self.predictors, h, r))
-            selected = causal_take(selected, decide, full)
+            if trace is not None and decide is not None:
+                trace.append((r, decide.detach(), selected))
+            selected = causal_take(selected, decide, full, thresholds[r - 1])
             self._selection_stats(stats, r, selected)
             idx, valid = compact_selection(selected)
             if idx is None:
@@ -292,7 +299,10 @@ class MoRLM(CausalLM):
         cfg = self.cfg
         nr = cfg.num_recursions
         logits = self.router(h).float()  # [B, T, N_r], on the first layer's output
-        choice, probs, gate = token_choice(logits, cfg, self.router_bias)
+        depth_bias = None
+        if not self.training and self.knob is not None and self.knob.depth_bias is not None:
+            depth_bias = torch.tensor(self.knob.depth_bias, device=logits.device)
+        choice, probs, gate = token_choice(logits, cfg, self.router_bias, depth_bias)
         depths = choice + 1  # choice is the 0-based depth index
         gate = gate.unsqueeze(-1).to(h.dtype)
         h1, cur = h, h

@@ -73,7 +73,17 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.schedule = cfg.schedule()
+        self.knob = None
+        """Evaluation-time routing knob (`mor.routing.RoutingKnob`; MoR only), see `set_knob`."""
+        self.routing_trace: list | None = None
+        """When a list: causal expert-choice passes append (step, deciding logits [B, T],
+        took-previous-step mask [B, T]) per step -- what threshold calibration reads."""
         self.apply(self._init_weights)
+
+    def set_knob(self, knob) -> None:
+        """Set (None: clear) the evaluation-time routing knob, validated against the config;
+        models without a router accept only an empty knob."""
+        self.knob = None if knob is None or not knob.active else knob.validate(self.cfg)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

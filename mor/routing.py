@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,14 +121,17 @@ def expert_gate(logits: Tensor, cfg: ModelConfig) -> Tensor:
     return cfg.router_alpha * router_scores(logits, cfg.router_func)
 
 
-def token_choice(logits: Tensor, cfg: ModelConfig, bias: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def token_choice(logits: Tensor, cfg: ModelConfig, bias: Tensor | None = None,
+                 depth_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Token-choice routing from router logits [..., N_r]: (choice [...] -- the 0-based index
     of the depth, top-1 of the scores; probs [..., N_r] = func(logits); gate [...] =
     alpha * probs[choice]). With loss-free balancing the selection bias `bias` [N_r] is added
-    to the scores for the CHOICE only: it never reaches the gate."""
+    to the scores for the CHOICE only: it never reaches the gate; so does the knob's
+    `depth_bias` [N_r] (`RoutingKnob`)."""
     probs = router_scores(logits, cfg.router_func)
     scores = probs + bias if cfg.balancing == "loss_free" and bias is not None else probs
+    if depth_bias is not None:
+        scores = scores + depth_bias
     choice = scores.argmax(-1)
     gate = cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return choice, probs, gate
@@ -181,16 +185,17 @@ def topk_select(logits: Tensor, capacity: float, t: int, lengths: Tensor | None 
     return by_score.gather(1, order), keep.gather(1, order), k_rows
 
 
-def causal_take(took_prev: Tensor, decide: Tensor | None, full: bool | Tensor = False
-                ) -> Tensor:
+def causal_take(took_prev: Tensor, decide: Tensor | None, full: bool | Tensor = False,
+                threshold: float | Tensor = 0.0) -> Tensor:
     """The causal expert-choice rule: a token takes step r iff it took step r-1 (`took_prev`)
     and its deciding logit -- the step's router, or its aux predictor with
-    expert_aux="router" -- is > 0, i.e. sigmoid > 0.5, the membership the auxiliary BCE
-    trains. Steps of capacity 1 (`full`, a bool or a per-token bool tensor) keep every token,
-    as top-k does; `decide` may be None when `full` is True."""
+    expert_aux="router" -- is > `threshold` (default 0, i.e. sigmoid > 0.5, the membership the
+    auxiliary BCE trains; `RoutingKnob.thresholds` moves it). Steps of capacity 1 (`full`, a
+    bool or a per-token bool tensor) keep every token, as top-k does; `decide` may be None
+    when `full` is True."""
     if full is True:
         return took_prev
-    go = decide > 0
+    go = decide > threshold
     if isinstance(full, Tensor):
         go = go | full
     return took_prev & go
@@ -235,3 +240,104 @@ def compact_selection(selected: Tensor, sizes: tuple[int, int] | None = None
     if lo == hi:
         return idx, None
     return idx, torch.arange(hi, device=selected.device) < selected.sum(1).unsqueeze(1)
+
+
+# --- the efficiency knob (evaluation time; docs/routing.md "The efficiency knob") -------------
+@dataclass(frozen=True)
+class RoutingKnob:
+    """How deep a TRAINED MoR model recurses at evaluation, without retraining.
+
+    thresholds -- expert-choice, causal rule: a token takes step r iff it took r-1 and its
+        deciding logit is > thresholds[r-1] (default 0, i.e. sigmoid > 0.5). Steps whose
+        trained capacity is 1 keep every token whatever the threshold. +inf: every token
+        stops after the full steps; -inf: every token takes every step.
+    capacities -- expert-choice, top-k evaluation: the capacity of each step, in place of
+        the trained ones (non-increasing, each in (0, 1]).
+    depth_bias -- token-choice: added to the router scores of depth 1..N_r when CHOOSING a
+        depth (never to the gate), like loss-free balancing's bias; a rising bias sends
+        tokens deeper.
+
+    A knob is set on a built model (`MoRLM.set_knob`) and applies to evaluation passes only
+    (training passes ignore it); the decode engine reads the model's knob when built."""
+
+    thresholds: tuple[float, ...] | None = None
+    capacities: tuple[float, ...] | None = None
+    depth_bias: tuple[float, ...] | None = None
+
+    def validate(self, cfg: ModelConfig) -> RoutingKnob:
+        """Raise ConfigError naming the field when the knob does not fit `cfg`."""
+        nr = cfg.num_recursions
+        if cfg.family != "mor":
+            if self.active:
+                raise ConfigError(f"a routing knob applies to MoR models only, not a "
+                                  f"{cfg.family} model")
+            return self
+        for name in ("thresholds", "capacities", "depth_bias"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if len(v) != nr:
+                raise ConfigError(f"knob {name}: needs one value per recursion step "
+                                  f"(N_r = {nr}), got {len(v)}: {list(v)}")
+            if any(not isinstance(x, (int, float)) or math.isnan(x) for x in v):
+                raise ConfigError(f"knob {name}: values must be numbers, got {list(v)}")
+        expert = cfg.router == "expert"
+        if self.thresholds is not None and not expert:
+            raise ConfigError("knob thresholds apply to expert-choice MoR (token-choice: use "
+                              "depth_bias)")
+        if self.capacities is not None:
+            if not expert:
+                raise ConfigError("knob capacities apply to expert-choice MoR (token-choice: "
+                                  "use depth_bias)")
+            caps = self.capacities
+            if any(not 0 < c <= 1 for c in caps):
+                raise ConfigError(f"knob capacities: each must be in (0, 1], got {list(caps)}")
+            if any(b > a for a, b in zip(caps, caps[1:])):
+                raise ConfigError(f"knob capacities: must be non-increasing, got {list(caps)}")
+        if self.depth_bias is not None:
+            if expert:
+                raise ConfigError("knob depth_bias applies to token-choice MoR (expert-choice: "
+                                  "use thresholds or capacities)")
+            if any(math.isinf(x) for x in self.depth_bias):
+                raise ConfigError(f"knob depth_bias: values must be finite, got "
+                                  f"{list(self.depth_bias)}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.thresholds, self.capacities, self.depth_bias))
+
+    def to_dict(self) -> dict[str, list[float] | None]:
+        """JSON-safe (infinities as the strings "inf" / "-inf")."""
+        def enc(v):
+            return None if v is None else [x if math.isfinite(x) else str(x) for x in v]
+        return {"thresholds": enc(self.thresholds), "capacities": enc(self.capacities),
+                "depth_bias": enc(self.depth_bias)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RoutingKnob:
+        d = d or {}
+        unknown = set(d) - {"thresholds", "capacities", "depth_bias"}
+        if unknown:
+            raise ConfigError(f"unknown knob field(s) {sorted(unknown)}; known: thresholds, "
+                              "capacities, depth_bias")
+        return cls(**{k: None if v is None else tuple(float(x) for x in v)
+                      for k, v in d.items()})
+
+
+def step_thresholds(cfg: ModelConfig, knob: RoutingKnob | None) -> tuple[float, ...]:
+    """The causal rule's threshold of each step (0 unless the knob sets it)."""
+    if knob is None or knob.thresholds is None:
+        return (0.0,) * cfg.num_recursions
+    return knob.thresholds
+
+
+@contextmanager
+def use_knob(model: Any, knob: RoutingKnob | None) -> Iterator[Any]:
+    """Evaluate `model` with `knob` inside the block, then restore its previous knob."""
+    previous = getattr(model, "knob", None)
+    model.set_knob(knob)
+    try:
+        yield model
+    finally:
+        model.set_knob(previous)
