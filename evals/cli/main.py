@@ -11,6 +11,7 @@
     mor-bench peak-flops                          measured matmul peak (the MFU denominator)
     mor-bench bench-train --preset small          training tokens/s and MFU (variants A/B)
     mor-bench bench-infer RUN_DIR                 generation tokens/s (MoR depth-wise batching)
+    mor-bench sweep CHECKPOINT --knob threshold   MoR's efficiency knob: accuracy vs tokens/s
 
 One module per group of commands (`COMMANDS` below); only the chosen command's module is
 imported, and those modules import their heavy dependencies inside the command, so
@@ -71,6 +72,8 @@ COMMANDS: dict[str, Command] = {
     "bench-infer": Command("evals.cli.perf", "cmd_bench_infer",
                            "generation tokens/s of checkpoints side by side (continuous "
                            "batching; MoR depth-wise)"),
+    "sweep": Command("evals.cli.sweep", "cmd_sweep",
+                     "sweep MoR's efficiency knob on one checkpoint: accuracy vs throughput"),
     "data": Command("evals.cli.evaluate", "cmd_data",
                     "fetch and prepare data sets (see `mor-bench data -h`)"),
 }

@@ -15,6 +15,7 @@ every training length planned -- before any data is touched or any step is train
     [eval]     few-shot tasks through lm-evaluation-harness (`EvalSettings`)
     [infer]    generation-throughput benchmark after training (`evals.perf.generation`)
     [speed]    interleaved training-speed ratios after training (`evals.perf.train_speed`)
+    [sweep]    the efficiency knob of each MoR model after training (`evals.perf.sweep`)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from mor.config import PRESETS, ModelConfig
 from mor.errors import ConfigError
 
 _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "defaults", "models",
-             "eval", "infer", "speed"}
+             "eval", "infer", "speed", "sweep"}
 
 
 BATCH_MODES = ("max",)
@@ -151,6 +152,85 @@ class InferSettings:
         return _settings_from_dict(cls, data, where, "infer")
 
 
+KNOBS = ("threshold", "capacity", "depth-bias")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The efficiency knob swept on a trained MoR checkpoint (`mor-bench sweep`, a suite's
+    [sweep] table; docs/routing.md "The efficiency knob"). Each value is one point: a number
+    or a per-step list "a:b:c" (see `evals.perf.sweep.knob_for` for what each knob's values
+    mean)."""
+
+    knob: str = "threshold"
+    """"threshold" (expert-choice, causal rule), "capacity" (expert-choice, top-k), or
+    "depth-bias" (token-choice)."""
+    values: tuple[str, ...] = ()
+    """The knob's values, one point each (strings or numbers). With calibrate (threshold
+    knob) or for the capacity knob: target mean depths, or per-step fractions "1:0.5:0.2"."""
+    calibrate: bool = False
+    """Threshold knob: pick each point's thresholds on held-out windows to hit a target
+    depth (the values), or, with no values, the trained capacities."""
+    models: tuple[str, ...] = ()
+    """Suite [sweep]: the model names to sweep (default: every MoR model of its knob's
+    router kind)."""
+    tasks: tuple[str, ...] = ("mor_synthetic",)
+    """lm-eval tasks scored at each point (() = none)."""
+    limit: int | None = 100
+    """Items per task."""
+    num_fewshot: int = 0
+    samples: int = 64
+    """Generated sequences per point and round (tokens/s)."""
+    gen_mean: float = 64.0
+    gen_std: float = 16.0
+    batch_size: int = 16
+    """Decode slots (the same for every point and reference)."""
+    repeats: int = 3
+    """Interleaved timing rounds; medians."""
+    temperature: float = 1.0
+    seed: int = 0
+    val_windows: int | None = None
+    """Held-out windows used (None: all); the first half calibrates, the second measures."""
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        def fail(field: str, msg: str) -> None:
+            raise ConfigError(f"sweep setting '{field}': {msg}")
+
+        if self.knob not in KNOBS:
+            fail("knob", f"one of {', '.join(KNOBS)}, got {self.knob!r}")
+        for field in ("values", "models", "tasks"):
+            v = getattr(self, field)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+                fail(field, f"must be a list, got {v!r}")
+            object.__setattr__(self, field, tuple(str(x) for x in v))
+        if not isinstance(self.calibrate, bool):
+            fail("calibrate", f"true or false, got {self.calibrate!r}")
+        if not self.values and not (self.calibrate and self.knob == "threshold"):
+            fail("values", "needs at least one value (only the calibrated threshold knob has "
+                 "a default point: the trained capacities)")
+        if self.calibrate and self.knob != "threshold":
+            fail("calibrate", f"applies to the threshold knob (the capacity knob always "
+                 f"calibrates its decoding thresholds; depth-bias has none), not {self.knob!r}")
+        for field, low, optional in (("limit", 1, True), ("num_fewshot", 0, False),
+                                     ("samples", 1, False), ("batch_size", 1, False),
+                                     ("repeats", 1, False), ("val_windows", 2, True),
+                                     ("threads", 1, True)):
+            v = getattr(self, field)
+            if not (optional and v is None) and (not _is_int(v) or v < low):
+                fail(field, f"must be an integer >= {low}, got {v!r}")
+        for field, low in (("gen_mean", 1.0), ("gen_std", 0.0), ("temperature", 0.0)):
+            v = getattr(self, field)
+            if not _is_real(v) or v < low:
+                fail(field, f"must be a finite number >= {low:g}, got {v!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            fail("seed", f"must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> SweepSettings:
+        return _settings_from_dict(cls, data, where, "sweep")
+
+
 @dataclass(frozen=True)
 class SpeedSettings:
     """A suite's [speed] table: after training, every successful run's checkpoint trains a
@@ -235,6 +315,9 @@ class Suite:
     speed: SpeedSettings | None = None
     """The [speed] table: after training, interleaved training-speed ratios
     (`evals.perf.train_speed`); None = no speed phase."""
+    sweep: SweepSettings | None = None
+    """The [sweep] table: after training, the efficiency knob of each MoR model swept
+    (`evals.perf.sweep`), the suite's vanilla/recursive models as reference points."""
 
     @property
     def sha256(self) -> str:
@@ -520,9 +603,44 @@ def parse_suite(text: str, source: str) -> Suite:
         if not isinstance(raw["speed"], dict):
             raise ConfigError(f"{source}: [speed] must be a table of benchmark settings")
         speed = SpeedSettings.from_dict(raw["speed"], where=f"{source}: [speed] ")
+    sweep = None
+    if "sweep" in raw:
+        if not isinstance(raw["sweep"], dict):
+            raise ConfigError(f"{source}: [sweep] must be a table of sweep settings")
+        sweep = SweepSettings.from_dict(raw["sweep"], where=f"{source}: [sweep] ")
+        _check_sweep_models(sweep, models, source)
     return Suite(name=name, description=description, source=source,
                  text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
-                 evaluation=evaluation, infer=infer, speed=speed)
+                 evaluation=evaluation, infer=infer, speed=speed, sweep=sweep)
+
+
+def sweep_targets(sweep: SweepSettings, models) -> list:
+    """The model entries a suite's [sweep] applies to: the named ones, or every MoR model
+    whose router the knob drives (threshold/capacity: expert-choice; depth-bias: token)."""
+    router = "token" if sweep.knob == "depth-bias" else "expert"
+    if sweep.models:
+        return [m for m in models if m.name in sweep.models]
+    return [m for m in models if m.config.family == "mor" and m.config.router == router]
+
+
+def _check_sweep_models(sweep: SweepSettings, models, source: str) -> None:
+    names = {m.name: m for m in models}
+    unknown = [n for n in sweep.models if n not in names]
+    if unknown:
+        raise ConfigError(f"{source}: [sweep] models {unknown} are not models of the suite "
+                          f"({', '.join(names)})")
+    router = "token" if sweep.knob == "depth-bias" else "expert"
+    targets = sweep_targets(sweep, models)
+    if not targets:
+        raise ConfigError(f"{source}: [sweep] knob {sweep.knob!r} needs a {router}-choice MoR "
+                          "model in the suite, and there is none")
+    for m in targets:
+        c = m.config
+        if c.family != "mor" or c.router != router:
+            raise ConfigError(f"{source}: [sweep] knob {sweep.knob!r} applies to {router}-"
+                              f"choice MoR models; model {m.name!r} is "
+                              + (f"{c.router}-choice MoR" if c.family == "mor"
+                                 else f"a {c.family} model"))
 
 
 def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
