@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals.suite.record import hardware_summary, load_records
+from evals.suite.record import hardware_summary, load_records, read_json
 from reports import table as table_mod
 from reports.figures import render_figures
 from reports.frame import ReportError, num
@@ -226,6 +226,32 @@ def _infer_html(records: list[dict[str, Any]]) -> str | None:
     return _frame_html(pd.DataFrame(rows)) if rows else None
 
 
+def _sweep_html(run_dir: Path, records: list[dict[str, Any]]) -> str | None:
+    """The [sweep] phase's documents (records' metrics["sweep"] name them): a table per
+    swept run and its accuracy-vs-throughput figure (drawn into RUN_DIR/figures/)."""
+    from reports.sweep import render_sweep, sweep_rows
+
+    parts = []
+    for r in records:
+        entry = (r.get("metrics") or {}).get("sweep")
+        if r.get("status") != "ok" or not isinstance(entry, dict):
+            continue
+        path = run_dir / entry["file"]
+        if not path.is_file():
+            parts.append(f'<p class="note">{_esc(entry["file"])} is missing.</p>')
+            continue
+        doc = read_json(path)
+        png, _ = render_sweep(doc, run_dir / "figures", f"sweep_{r['run_id']}")
+        parts.append(f"<h4>{_esc(r['run_id'])}: {_esc(doc['knob'])} knob"
+                     f"{' (calibrated)' if doc.get('calibrate') else ''}</h4>")
+        parts.append(_frame_html(pd.DataFrame(sweep_rows(doc))))
+        parts.append(f'<figure id="fig-sweep-{_esc(r["run_id"])}"><img alt="knob sweep" '
+                     f'src="{_data_uri(Path(png))}"><figcaption>Each point: one setting of '
+                     f"the knob on the same weights; tokens/s measured in interleaved rounds "
+                     f"in one process ({_esc(entry['file'])}).</figcaption></figure>")
+    return "".join(parts) or None
+
+
 def _fmt(value: Any, fmt) -> str:
     value = num(value)
     if value is None:
@@ -327,6 +353,9 @@ def render_html(run_dir: str | Path, *, records: list[dict[str, Any]] | None = N
     infer = _infer_html(records)
     if infer:
         sections += ['<h3 id="inference">Inference</h3>', infer]
+    sweep = _sweep_html(run_dir, records)
+    if sweep:
+        sections += ['<h3 id="sweep">Efficiency knob</h3>', sweep]
     sections += ['<h3 id="all-columns">All columns</h3>', tables["all"]]
     if tables["paper"]:
         sections += ['<h3 id="paper">Paper reference</h3>',

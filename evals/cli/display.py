@@ -157,7 +157,7 @@ class SuiteProgress:
         self.console.print(self.summary(records))
 
 
-_PHASE_TITLES = {"infer": "inference", "speed": "training speed"}
+_PHASE_TITLES = {"infer": "inference", "speed": "training speed", "sweep": "knob sweep"}
 
 
 class PlainLog:
@@ -209,6 +209,9 @@ class PlainLog:
         elif e.kind == "phase" and e.phase == "infer":
             self._print(f"inference: {i['samples']} samples x ~{i['gen_mean']:g} tokens per "
                         f"model, batch {i['batch_size']}, {i['repeats']} interleaved round(s)")
+        elif e.kind == "phase" and e.phase == "sweep":
+            values = ", ".join(i["values"]) or "the trained capacities"
+            self._print(f"{title}: knob {i['knob']} over {values} on {', '.join(i['models'])}")
         elif e.kind == "phase":
             self._print(f"{title}: {i['rounds']} interleaved round(s) x "
                         f"{i['steps_per_round']} steps per model "

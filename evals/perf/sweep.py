@@ -357,7 +357,7 @@ def suite_references(checkpoint: str | Path) -> list[Path]:
         if (fam in ("vanilla", "recursive") and rec.get("status") == "ok"
                 and (rec_file.parent / "model.safetensors").is_file()):
             rank = 0 if rec.get("seed") == seed else 1
-            key = rec.get("model", rec_file.parent.name)
+            key = rec.get("model_name", rec_file.parent.name)
             if key not in found or rank < found[key][0]:
                 found[key] = (rank, rec_file.parent)
     return [p for _, p in sorted(found.values(), key=lambda t: str(t[1]))]

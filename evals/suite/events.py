@@ -9,7 +9,8 @@ Two kinds, both plain frozen dataclasses (they cross process boundaries pickled)
 * `RunEvent`: one run's progress -- its phase (`PHASES`, in order) and, while training,
   step/total/loss. Sent by the run's own process through a queue and relayed in order.
 * `SuiteEvent`: the suite as a whole -- started, data ready, a run started, all runs
-  finished, an after-training phase ([infer], [speed]) started / logged / finished / failed.
+  finished, an after-training phase ([infer], [speed], [sweep]) started / logged /
+  finished / failed.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class SuiteEvent:
     suite: str
     run_dir: str
     phase: str | None = None
-    """"infer" or "speed" for the phase* kinds."""
+    """"infer", "speed" or "sweep" for the phase* kinds."""
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """Suite phases that run after training, over every successful run of a suite run
 directory, each in its own spawned process (a clean heap and thread pool, like each
 training run): generation throughput (`[infer]`, `infer_phase`) and interleaved
-training-speed ratios (`[speed]`, `speed_phase`).
+training-speed ratios (`[speed]`, `speed_phase`) and the efficiency-knob sweep of MoR
+models (`[sweep]`, `sweep_phase`).
 
 A phase that fails leaves the training results as they are and writes its traceback to
 RUN_DIR/<phase>_error.txt. Phases never print: the lines they log travel to the parent,
@@ -23,15 +24,17 @@ from evals.suite.record import (
     INFER_FILE,
     RECORD,
     SPEED_FILE,
+    SWEEP_DIR,
+    SWEEP_FILE,
     load_records,
     read_json,
     write_json_atomic,
 )
-from evals.suite.spec import InferSettings, SpeedSettings
+from evals.suite.spec import InferSettings, SpeedSettings, SweepSettings
 
 Log = Callable[[str], None]
 
-PHASE_NAMES = ("infer", "speed")
+PHASE_NAMES = ("infer", "speed", "sweep")
 
 
 def error_file(run_dir: str | Path, phase: str) -> Path:
@@ -146,11 +149,49 @@ def speed_phase(run_dir: str | Path, settings: SpeedSettings, train_cfg: dict[st
 
 
 # --------------------------------------------------------------------------------------------
+# [sweep]
+
+
+def sweep_phase(run_dir: str | Path, settings: SweepSettings, models: list[str],
+                cache_dir: str | None, log: Log | None = None) -> dict[str, Any]:
+    """Sweep the knob on every successful run of the suite models named `models`, the
+    vanilla and recursive runs of the same seed as reference points; writes
+    RUN_DIR/sweeps/<run_id>.json per run, each record's metrics["sweep"] (the file and the
+    knob), and the index RUN_DIR/sweep.json last."""
+    from evals.perf.sweep import held_out_windows, load_sweep_model, run_sweep, suite_references
+
+    run_dir = Path(run_dir)
+    records = [r for r in load_records(run_dir) if r.get("status") == "ok"]
+    targets = [r for r in records if r.get("model_name") in models]
+    windows = held_out_windows(run_dir, run_dir / "data" / "val.npy")
+    out_dir = run_dir / SWEEP_DIR
+    out_dir.mkdir(exist_ok=True)
+    index = {"knob": settings.knob, "calibrate": settings.calibrate, "runs": {}}
+    for rec in targets:
+        run_id = rec["run_id"]
+        refs = [load_sweep_model(p) for p in suite_references(run_dir / run_id)]
+        if log:
+            log(f"  {run_id}: {settings.knob} sweep, {len(settings.values) or 1} point(s), "
+                f"references {', '.join(r.name for r in refs) or '-'}")
+        res = run_sweep(load_sweep_model(run_dir / run_id), refs, windows, settings,
+                        cache_dir=Path(cache_dir) if cache_dir else None, log=log)
+        rel = f"{SWEEP_DIR}/{run_id}.json"
+        write_json_atomic(run_dir / rel, res)
+        index["runs"][run_id] = rel
+        _update_record(run_dir, run_id, "sweep", {"file": rel, "knob": settings.knob,
+                                                   "calibrate": settings.calibrate,
+                                                   "points": len(res["points"])})
+    write_json_atomic(run_dir / SWEEP_FILE, index)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
 # one phase, in its own process
 
 
 _TARGETS: dict[str, Callable[..., dict[str, Any]]] = {"infer": infer_phase,
-                                                      "speed": speed_phase}
+                                                      "speed": speed_phase,
+                                                      "sweep": sweep_phase}
 
 
 def _phase_main(phase: str, run_dir: str, args: tuple, log_queue) -> None:
@@ -185,8 +226,9 @@ def relay(q, proc, emit: Callable[[Any], None]) -> None:
 def run_phase(phase: str, run_dir: str | Path, args: tuple, on_log: Log | None = None
               ) -> bool:
     """Run `phase` ("infer": args (InferSettings,); "speed": args (SpeedSettings, train
-    config dict)) in its own spawned process, passing its log lines to `on_log`. Returns
-    False if it failed; the error is in `error_file(run_dir, phase)`."""
+    config dict); "sweep": args (SweepSettings, model names, cache dir)) in its own spawned
+    process, passing its log lines to `on_log`. Returns False if it failed; the error is in
+    `error_file(run_dir, phase)`."""
     if phase not in _TARGETS:
         raise ValueError(f"unknown phase {phase!r}; known: {', '.join(_TARGETS)}")
     on_log = on_log or (lambda line: None)

@@ -19,7 +19,8 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 __all__ = [
     "DEPTH_SAMPLE", "FEWSHOT_ITEMS", "INFER_FILE", "PLAN_FILE", "RECORD", "SCHEMA",
-    "SPEED_FILE", "DataInfo", "DepthExport", "FewshotResult", "FewshotTask", "InferMetrics",
+    "SPEED_FILE", "SWEEP_DIR", "SWEEP_FILE", "DataInfo", "DepthExport", "FewshotResult",
+    "FewshotTask", "InferMetrics",
     "KvCache", "Metrics", "Plan", "Record", "RecordError", "SpeedMetrics", "SuiteInfo",
     "check_depth_export", "failed_record", "hardware_summary", "load_records", "read_json",
     "utc_now", "write_json_atomic",
@@ -37,6 +38,10 @@ DEPTH_SAMPLE = "depth_sample.json"
 INFER_FILE = "infer.json"
 """The suite's interleaved inference measurement, RUN_DIR/infer.json."""
 SPEED_FILE = "speed.json"
+SWEEP_FILE = "sweep.json"
+"""RUN_DIR/sweep.json: the [sweep] phase's index (one entry per swept run); each run's sweep
+document is RUN_DIR/sweeps/<run_id>.json (`evals.perf.sweep`)."""
+SWEEP_DIR = "sweeps"
 """The suite's interleaved training-throughput measurement, RUN_DIR/speed.json."""
 PLAN_FILE = "plan.json"
 """The planned runs of a suite, RUN_DIR/plan.json."""

@@ -49,12 +49,13 @@ from evals.suite.record import (
     RECORD,
     SCHEMA,
     SPEED_FILE,
+    SWEEP_FILE,
     failed_record,
     read_json,
     utc_now,
     write_json_atomic,
 )
-from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table
+from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table, sweep_targets
 from evals.training.budget import plan_training
 from evals.training.loop import for_world
 from mor.errors import ConfigError
@@ -428,10 +429,13 @@ def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
 
 
 def check_eval_tasks(suite: Suite, cache_dir: Path) -> None:
-    """Before any data or training: the suite's [eval] tasks can all be found."""
+    """Before any data or training: the suite's [eval] (and [sweep]) tasks can all be
+    found."""
     from evals.lmeval.tasks import check_tasks
 
     check_tasks(suite.evaluation.tasks, cache_dir, where=f"{suite.source}: [eval] ")
+    if suite.sweep is not None and suite.sweep.tasks:
+        check_tasks(suite.sweep.tasks, cache_dir, where=f"{suite.source}: [sweep] ")
 
 
 def prepare_eval(suite: Suite, run_dir: Path, cache_dir: Path) -> dict[str, Any] | None:
@@ -732,7 +736,8 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     try:
         records, failed = _run_all(runs, todo, ctx, status_queue, suite_info, run_dir,
                                    train_cfg, emit, suite_event, live)
-        records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event)
+        records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event,
+                          cache_dir)
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, old_handler)
@@ -752,7 +757,7 @@ def _announce(runs, run_dir: Path, resume, emit, suite_event) -> dict[str, tuple
     return states
 
 
-def _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event):
+def _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event, cache_dir):
     if len(failed) < len(runs):
         if suite.infer is not None and (not (run_dir / INFER_FILE).is_file()):
             records = _after_training(
@@ -762,6 +767,11 @@ def _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event):
         if suite.speed is not None and (not (run_dir / SPEED_FILE).is_file()):
             records = _after_training("speed", (suite.speed, train_cfg), run_dir, records,
                                       suite_event, **dataclasses.asdict(suite.speed))
+        if suite.sweep is not None and (not (run_dir / SWEEP_FILE).is_file()):
+            names = [m.name for m in sweep_targets(suite.sweep, suite.models)]
+            records = _after_training(
+                "sweep", (suite.sweep, names, str(cache_dir)), run_dir, records, suite_event,
+                knob=suite.sweep.knob, values=list(suite.sweep.values), models=names)
     return records
 
 
@@ -832,7 +842,8 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
         if info.is_main:
             suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
                         seconds=time.perf_counter() - t0)
-            records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event)
+            records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event,
+                          cache_dir)
         D.barrier(info)
         return run_dir, records, failed
     finally:
@@ -885,7 +896,7 @@ def _after_training(phase: str, args: tuple, run_dir: Path, records: list[dict],
     if not ok:
         suite_event("phase_failed", phase, error_file=str(error_file(run_dir, phase)))
         return records
-    out = {"infer": INFER_FILE, "speed": SPEED_FILE}[phase]
+    out = {"infer": INFER_FILE, "speed": SPEED_FILE, "sweep": SWEEP_FILE}[phase]
     suite_event("phase_done", phase, seconds=time.perf_counter() - t0,
                 file=str(run_dir / out))
     return [read_json(run_dir / r["run_id"] / RECORD)

@@ -154,3 +154,51 @@ def test_cli_without_windows_outside_a_suite_run_says_how(tmp_path, capsys) -> N
     mor, _ = _checkpoints(tmp_path)
     assert main(["sweep", str(mor), "--knob", "threshold", "--values", "0"]) == 2
     assert "--windows FILE.npy" in capsys.readouterr().err
+
+
+# --- the suite's [sweep] table and phase ------------------------------------------------------
+def test_sweep_table_parses_and_validates() -> None:
+    from evals.suite.spec import parse_suite
+    from tests.conftest import MICRO_SUITE
+
+    suite = parse_suite(MICRO_SUITE + '\n[sweep]\nknob = "threshold"\nvalues = [0, "inf"]\n',
+                        "t.toml")
+    assert suite.sweep.values == ("0", "inf") and suite.sweep.knob == "threshold"
+    for table, needle in [
+        ('knob = "depth-bias"\nvalues = [1]', "needs a token-choice MoR model"),
+        ('knob = "threshold"\nvalues = [1]\nmodels = ["vanilla"]', "model 'vanilla' is a "
+         "vanilla model"),
+        ('knob = "threshold"\nvalues = [1]\nmodels = ["nope"]', "['nope'] are not models"),
+        ('knob = "threshold"\nvalues = [1]\nrepeat = 2', "unknown sweep setting"),
+        ('knob = "threshold"', "'values'"),
+    ]:
+        with pytest.raises(ConfigError, match=None) as e:
+            parse_suite(MICRO_SUITE + f"\n[sweep]\n{table}\n", "t.toml")
+        assert needle in str(e.value) and "t.toml" in str(e.value), str(e.value)
+
+
+def test_suite_sweep_phase_writes_documents_records_and_report(tmp_path) -> None:
+    from evals.suite.runner import run_suite
+    from evals.suite.spec import parse_suite
+    from reports.html import build_report
+    from tests.conftest import MICRO_SUITE
+
+    suite = parse_suite(MICRO_SUITE + '\n[sweep]\nknob = "threshold"\nvalues = [-1, "inf"]\n'
+                        'tasks = []\nsamples = 3\ngen_mean = 5\ngen_std = 1\nrepeats = 1\n'
+                        'batch_size = 2\n', source="t.toml")
+    run_dir, records, failed = run_suite(suite, tmp_path)
+    assert failed == []
+    index = json.loads((run_dir / "sweep.json").read_text())
+    (run_id, rel), = index["runs"].items()
+    assert run_id.startswith("mor-2")
+    doc = json.loads((run_dir / rel).read_text())
+    assert [p["value"] for p in doc["points"]] == ["-1", "inf"]
+    assert [r["family"] for r in doc["references"]] == ["vanilla"]
+    assert doc["points"][1]["val_mean_depth"] == 1.0
+    mor = next(r for r in records if r["run_id"] == run_id)
+    assert mor["metrics"]["sweep"] == {"file": rel, "knob": "threshold", "calibrate": False,
+                                       "points": 2}
+    build_report(run_dir)
+    html = (run_dir / "index.html").read_text()
+    assert "Efficiency knob" in html and f"fig-sweep-{run_id}" in html
+    assert (run_dir / "figures" / f"sweep_{run_id}.png").is_file()
