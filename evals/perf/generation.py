@@ -108,7 +108,8 @@ def memory_plan(models: list[BenchModel], settings: InferSettings, max_len: int
     """Batch per model and the memory budget (bytes; None for a fixed batch)."""
     if settings.batch_size != "max":
         return [int(settings.batch_size)] * len(models), None
-    elem = 4
+    # The cache holds keys/values in the models' own dtype.
+    elem = next(models[0].model.parameters()).element_size()
 
     def need(m: BenchModel, batch: int) -> int:
         return (_param_bytes(m.model)
