@@ -262,8 +262,8 @@ def run_sweep(target: SweepModel, references: list[SweepModel], windows: torch.T
     val_bs = 16
     paths = None
     if settings.tasks:
+        from evals.data.cache import DEFAULT_CACHE
         from evals.lmeval.tasks import task_include_paths, use_offline_if_local
-        from evals.suite.runner import DEFAULT_CACHE
 
         cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         paths = task_include_paths(list(settings.tasks), cache_dir=cache,

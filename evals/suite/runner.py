@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from evals.data.cache import DEFAULT_CACHE
 from evals.suite.events import PHASES, OnEvent, RunEvent, SuiteEvent, ignore
 from evals.suite.phases import relay
 from evals.suite.record import (
@@ -59,8 +60,6 @@ from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table, sweep_target
 from evals.training.budget import plan_training
 from evals.training.loop import for_world
 from mor.errors import ConfigError
-
-DEFAULT_CACHE = Path(os.environ.get("MOR_BENCH_CACHE", Path.home() / ".cache" / "mor-bench"))
 
 
 def make_run_dir(out_root: Path, suite_name: str) -> Path:
