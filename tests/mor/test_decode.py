@@ -1,8 +1,11 @@
 """Incremental decoding (mor/decode.py) and its caches (mor/kv_cache.py).
 
 Parity: prefill + one-token-at-a-time decoding reproduces the full forward (causal routing)
-for every family and routing variant, under both schedulers. Invariants of the continuous
-schedulers under random lengths. Cache bytes against the accounting functions.
+for every family and routing variant, under both schedulers. Batched prefill (right-padded
+prompts in one forward) equals one prompt per forward, in the cache and in what is decoded.
+The static step that CUDA graphs capture (run eagerly here; tests/mor/test_decode_gpu.py
+captures it) equals the eager step. Invariants of the continuous schedulers under random
+lengths. Cache bytes against the accounting functions.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from mor import ModelConfig, build_model, flops
-from mor.decode import Engine, Request
+from mor.decode import Engine, Request, _StaticStep
 from mor.errors import ConfigError
 from mor.kv_cache import CacheFullError, KVCache
 
@@ -286,3 +289,131 @@ def test_fused_weights_are_the_models_projections() -> None:
     cfg = model.cfg
     per_layer = cfg.d_model * ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.d_ff)
     assert engine.fused_bytes == 4 * per_layer * cfg.num_unique_layers  # fp32
+
+
+# --- batched prefill -----------------------------------------------------------------------------
+PREFILL_PROMPTS = [[5, 9, 2, 7, 1, 3, 3, 8, 9], [7], [1, 2, 3], [9, 8, 7, 6, 5, 4, 2], [4, 4],
+                   [6, 1, 6, 1, 6, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "recursive-3", "mor-3-expert-cache",
+                                     "mor-3-expert-share", "mor-2-token-cache",
+                                     "mor-3-token-share"])
+def test_batched_prefill_loads_what_one_by_one_prefill_loads(variant: str) -> None:
+    """Prompts of different lengths prefilled as ONE right-padded batch, into slots in no
+    particular order, leave every slot's cache entries exactly as one forward per prompt
+    does (lengths; keys/values up to float rounding), and return the same logits. The
+    padded batch really has padding that the MoR forward routes deeper (so only the real
+    tokens' compacted entries must be loaded)."""
+    model = make_model(variant)
+    prompts = PREFILL_PROMPTS[:5]
+    slots = [4, 0, 2, 1, 3]
+    batched = Engine(model, max_batch=5, max_len=32, kv_capacity="full")
+    single = Engine(model, max_batch=5, max_len=32, kv_capacity="full", prefill_tokens=1)
+    got = batched.prefill_many(slots, prompts)
+    want = [single.prefill(s, p) for s, p in zip(slots, prompts)]
+    assert batched.stats["prefill_calls"] == 1 and single.stats["prefill_calls"] == 5
+    for g, w, p in zip(got, want, prompts):
+        assert g.shape == (len(p), model.cfg.vocab_size)
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    assert torch.equal(batched.cache.lengths, single.cache.lengths)
+    for e in range(len(batched.cache.capacity)):
+        for s in slots:
+            n = int(batched.cache.lengths[e, s])
+            for a, b in ((batched.cache.k[e], single.cache.k[e]),
+                         (batched.cache.v[e], single.cache.v[e])):
+                torch.testing.assert_close(a[s, :, :n], b[s, :, :n], atol=2e-5, rtol=1e-4)
+    if model.cfg.family == "mor" and variant != "mor-2-token-cache":
+        t = max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts])
+        with torch.no_grad():
+            depths = model(ids, routing="causal").depths
+        pad = torch.arange(t) >= torch.tensor([len(p) for p in prompts]).unsqueeze(1)
+        assert bool((depths[pad] >= 2).any())
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "recursive-3", "mor-3-expert-cache",
+                                     "mor-3-expert-share", "mor-2-token-cache",
+                                     "mor-3-token-share"])
+def test_batched_prefill_decodes_what_one_by_one_prefill_decodes(variant: str) -> None:
+    """Generation with refills prefilled in batches (several slots free at once) gives the
+    same tokens, depths and logits as with one prompt per forward, under both schedulers."""
+    model = make_model(variant, seed=3)
+    requests = [Request(prompt=p, max_new_tokens=5 + 4 * (i // 3), id=i)
+                for i, p in enumerate(PREFILL_PROMPTS)]
+    for sched in schedulers(variant):
+        outs, calls = {}, {}
+        for budget in (1, 2048):
+            engine = Engine(model, max_batch=3, max_len=32, kv_capacity="full",
+                            keep_logits=True, prefill_tokens=budget)
+            outs[budget] = engine.generate(requests, sched)
+            calls[budget] = engine.stats["prefill_calls"]
+            assert engine.stats["prefills"] == sum(len(r.prompt) > 1 for r in requests)
+        assert calls[1] == engine.stats["prefills"] and calls[2048] < calls[1]
+        for a, b in zip(outs[1], outs[2048]):
+            assert a.tokens == b.tokens and a.depths == b.depths and a.slots == b.slots
+            torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits),
+                                       atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_many_rejects_bad_arguments() -> None:
+    engine = Engine(make_model("vanilla"), max_batch=2, max_len=8)
+    with pytest.raises(ConfigError, match="one distinct slot per prompt"):
+        engine.prefill_many([0, 0], [[1], [2]])
+    with pytest.raises(ConfigError, match="slot 2 is not in"):
+        engine.prefill_many([2], [[1]])
+    with pytest.raises(ConfigError, match="max_len=8"):
+        engine.prefill(0, list(range(1, 10)))
+    with pytest.raises(ConfigError, match="prefill_tokens"):
+        Engine(make_model("vanilla"), max_batch=2, max_len=8, prefill_tokens=0)
+
+
+def test_stop_callbacks_end_requests_and_free_their_slots() -> None:
+    """A request whose `stop` returns True ends after that token; its slot takes the next
+    request at once (the tokens are those of a run without the stop, cut)."""
+    model = make_model("vanilla")
+    engine = Engine(model, max_batch=2, max_len=24)
+    plain = [Request(prompt=[i + 1, 2], max_new_tokens=10, id=i) for i in range(5)]
+    stopped = [Request(prompt=r.prompt, max_new_tokens=10, id=r.id,
+                       stop=(lambda toks, n=i + 2: len(toks) >= n)) for i, r in enumerate(plain)]
+    full = engine.generate(plain)
+    cut = engine.generate(stopped)
+    for i, (a, b) in enumerate(zip(full, cut)):
+        assert b.tokens == a.tokens[: i + 2]
+    assert engine.stats["passes"] == sum(i + 2 for i in range(5))
+
+
+# --- the static step (CUDA graphs capture it; eager here) ---------------------------------------
+@pytest.mark.parametrize("variant", ["vanilla", "recursive-3"])
+def test_static_step_equals_the_eager_step(variant: str) -> None:
+    """The fixed-shape step (every slot a row, idle slots padding; attention over a width
+    bucket with a mask) decodes the same tokens and logits as the eager step, across two
+    width buckets (max_len 100: 64 and 100) and with idle slots at the end of the queue;
+    padding rows leave the cache lengths as they were."""
+    model = make_model(variant, seed=4)
+    rng = random.Random(1)
+    requests = [Request(prompt=[rng.randrange(1, 250) for _ in range(rng.randint(1, 12))],
+                        max_new_tokens=rng.randint(20, 80), id=i) for i in range(7)]
+    engines = {}
+    for kind in ("eager", "static"):
+        engine = Engine(model, max_batch=3, max_len=100, keep_logits=True)
+        if kind == "static":
+            engine._static = _StaticStep(engine, graphs=False)
+            assert engine._static.widths == [64, 100]
+        engines[kind] = (engine, engine.generate(requests))
+    (eager, a_outs), (static, b_outs) = engines["eager"], engines["static"]
+    for a, b in zip(a_outs, b_outs):
+        assert a.tokens == b.tokens and a.slots == b.slots
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits),
+                                   atol=2e-5, rtol=1e-4)
+    assert max(len(r.prompt) + r.max_new_tokens for r in requests) > 64
+    assert torch.equal(static.cache.lengths, eager.cache.lengths)
+
+
+def test_cuda_graphs_need_cuda_and_a_plain_model() -> None:
+    with pytest.raises(ConfigError, match="CUDA device"):
+        Engine(make_model("vanilla"), max_batch=2, max_len=8, cuda_graphs=True)
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="MoR models decode eagerly"):
+            Engine(make_model("mor-3-expert-cache").cuda(), max_batch=2, max_len=8,
+                   cuda_graphs=True)
