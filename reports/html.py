@@ -216,14 +216,26 @@ def _infer_html(records: list[dict[str, Any]]) -> str | None:
         inf = (r.get("metrics") or {}).get("infer")
         if r.get("status") != "ok" or not isinstance(inf, dict):
             continue
-        rows.append({"run": r["run_id"], "batch": inf.get("batch_size"),
+        card = inf.get("modelled") or {}
+        rows.append({"run": r["run_id"], "scheduler": inf.get("scheduler") or "-",
+                     "batch": inf.get("batch_size"),
                      "tokens/s": _fmt(inf.get("tokens_per_s"), "{:,.0f}"),
+                     "model: tokens/s": _fmt(card.get("modelled_tokens_per_s"), "{:,.0f}"),
+                     "model error": _fmt(card.get("model_error"), "{:+.1%}"),
+                     "MBU": _fmt(card.get("mbu"), "{:.1%}"),
                      "ms/token": _fmt(inf.get("ms_per_token"), "{:.3f}"),
                      "rel tokens/s": _fmt(inf.get("rel_tokens_per_s"), "{:.2f}x"),
                      "KV cache": _fmt(inf.get("kv_cache_bytes"), lambda v: f"{v / 2**20:.2f} MiB"),
                      "mean depth": _fmt(inf.get("mean_depth"), "{:.2f}"),
                      "routing": inf.get("routing") or "-"})
-    return _frame_html(pd.DataFrame(rows)) if rows else None
+    if not rows:
+        return None
+    note = ('<p class="note">tokens/s, ms/token, rel tokens/s: measured. "model" columns: the '
+            "throughput model's projection of the same workload on this device (model, not "
+            "measured; docs/throughput_model.md), and its error against the measurement; MBU: "
+            "the bytes a decode must move per second over the device's memory bandwidth."
+            "</p>")
+    return _frame_html(pd.DataFrame(rows)) + note
 
 
 def _sweep_html(run_dir: Path, records: list[dict[str, Any]]) -> str | None:

@@ -87,7 +87,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def _bench_infer_arguments(p: argparse.ArgumentParser) -> None:
     """The `mor-bench bench-infer` options (defaults: `InferSettings`)."""
-    from evals.suite.spec import SCHEDULER_CHOICES, InferSettings
+    from evals.suite.spec import SCHEDULER_CHOICES, THROUGHPUT_MODEL_CHOICES, InferSettings
 
     d = InferSettings()
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
@@ -117,7 +117,14 @@ def _bench_infer_arguments(p: argparse.ArgumentParser) -> None:
                    help="MoR cache per recursion step: routed = c_r * max_len tokens (the "
                         "paper's memory), full = max_len (default routed)")
     p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=d.scheduler,
-                   help="MoR: depth-wise batching (auto/depth), sequence-wise, or both")
+                   help="MoR: depth-wise batching, sequence-wise, both, or auto: the one the "
+                        "throughput model predicts is faster here (default auto; depth-wise "
+                        "without a model)")
+    p.add_argument("--throughput-model", choices=THROUGHPUT_MODEL_CHOICES,
+                   default=d.throughput_model,
+                   help="project each measurement and print its roofline card: auto (CPU: "
+                        "calibrate this CPU first, ~12 s; H100/H200/A100: datasheet "
+                        "figures), quick (~1 s CPU calibration), off (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                    help="where to decode (default cpu)")
@@ -143,7 +150,8 @@ def settings_from_args(args):
                          reference_batch=args.reference_batch, repeats=args.repeats,
                          seed=args.seed, temperature=args.temperature,
                          kv_capacity=args.kv_capacity, scheduler=args.scheduler,
-                         threads=args.threads, device=args.device)
+                         threads=args.threads, device=args.device,
+                         throughput_model=args.throughput_model)
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, str]]:
@@ -163,6 +171,33 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, str]]:
             "fill": (f"{100 * r['shared_batch_fill']:.0f}%"
                      if r["shared_batch_fill"] is not None else "-"),
             "capped": f"{100 * r['capped_frac']:.1f}%" if r["family"] == "mor" else "-",
+        })
+    return rows
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def card_rows(res: dict[str, Any]) -> list[dict[str, str]]:
+    """The roofline card of every row: the throughput model's projection of the same workload
+    on this device beside the measurement (never mixed into the measured columns)."""
+    rows = []
+    for r in res["rows"]:
+        c = r.get("modelled")
+        if not c:
+            continue
+        rows.append({
+            "model": r["model"], "scheduler": r["scheduler"],
+            "measured tok/s": f"{r['tokens_per_s']:,.0f}",
+            "modelled tok/s": _num(c["modelled_tokens_per_s"], "{:,.0f}"),
+            "model error": _num(c.get("model_error"), "{:+.1%}"),
+            "weights MiB/iter": _num(c["weight_bytes_per_iteration"] / 2**20, "{:.2f}"),
+            "KV read MiB/iter": _num(c["kv_read_bytes_per_iteration"] / 2**20, "{:.3f}"),
+            "calls/iter": _num(c["calls_per_iteration"], "{:,.0f}"),
+            "BW ceiling tok/s": _num(c["ceiling_memory_tokens_per_s"], "{:,.0f}"),
+            "MBU": _num(c.get("mbu"), "{:.1%}"), "MFU": _num(c.get("mfu"), "{:.2%}"),
+            "bound": c.get("bound") or "-",
         })
     return rows
 
@@ -192,7 +227,22 @@ def cmd_bench_infer(args) -> int:
     print(f"{sum(res['lengths']):,} tokens per model and round, cache max_len "
           f"{res['max_len']}{budget}, {res['torch_threads']} torch threads")
     rows = table_rows(res)
-    rich_table("generation throughput (medians)", rows, list(rows[0]))
+    rich_table("generation throughput (medians, measured)", rows, list(rows[0]))
+    for r in res["rows"]:
+        ch = r.get("scheduler_choice")
+        if ch:
+            print(f"  {r['model']}: scheduler auto -> {ch['chosen']} ({ch['why']})")
+        if r.get("selected_fractions"):
+            fr = ", ".join(f"{100 * f:.1f}%" for f in r["selected_fractions"])
+            print(f"  {r['model']} ({r['scheduler']}): tokens taking recursion steps 1.. "
+                  f"{fr}")
+    cards = card_rows(res)
+    tm = res.get("throughput_model") or {}
+    if cards:
+        rich_table(f"roofline card: the throughput model's projection (model, not measured; "
+                   f"{tm.get('source')})", cards, list(cards[0]))
+    elif tm:
+        print(f"  no throughput model: {tm.get('source')}")
     if args.profile:
         for r in res["rows"]:
             st = r.get("stage_s") or {}

@@ -19,6 +19,14 @@ Timing: one untimed warm-up per model, then `repeats` rounds in which every mode
 the SAME requests, interleaved (A B C A B C ...) so machine noise hits all alike; medians.
 Headline: tokens/s relative to the vanilla model of the same unrolled depth (same n_layers
 and d_model) in the same process.
+
+Beside every measurement, the throughput model's projection of the same workload (the
+requests and the depth every token took in the last timed round) on this device, and its
+roofline card: weight and KV bytes per decode iteration, the memory-bandwidth ceiling, the
+achieved MBU / MFU and the model's error (`throughput_model`; docs/throughput_model.md).
+Measured and modelled figures are kept in separate fields. With `scheduler = "auto"` a MoR
+model decodes with the scheduler the model predicts is faster (projected from the warm-up's
+depths), and the row says which and why.
 """
 
 from __future__ import annotations
@@ -143,6 +151,110 @@ def _reference_of(i: int, models: list[BenchModel]) -> int | None:
     return None
 
 
+def selected_fractions(depths: list[list[int]], num_recursions: int) -> list[float]:
+    """Per recursion step r = 1..N_r, the fraction of generated tokens whose pass took step r
+    (depth >= r), from `Completion.depths`."""
+    flat = [d for ds in depths for d in ds]
+    if not flat:
+        return [0.0] * num_recursions
+    return [sum(d >= r for d in flat) / len(flat) for r in range(1, num_recursions + 1)]
+
+
+def depth_histogram(depths: list[list[int]], num_recursions: int) -> list[int]:
+    """Counts of generated tokens by depth 0..N_r."""
+    hist = [0] * (num_recursions + 1)
+    for ds in depths:
+        for d in ds:
+            hist[d] += 1
+    return hist
+
+
+_GPU_PROFILES = (("H200", "h200"), ("H100", "h100-sxm"), ("A100", "a100-80gb"))
+
+
+def device_profile_for(settings: InferSettings, device: torch.device):
+    """(DeviceProfile or None, where its figures come from) for `settings.throughput_model`
+    on `device`: a calibration of this CPU, a GPU's datasheet profile, or None."""
+    from evals.perf.throughput_model import calibrate_cpu, device_profile
+
+    mode = settings.throughput_model
+    if mode == "off":
+        return None, "throughput_model = off"
+    if device.type == "cpu":
+        quick = mode == "quick"
+        prof = calibrate_cpu(threads=settings.threads, quick=quick, host_run=not quick)
+        return prof, f"calibrated on this CPU ({'quick, ~1 s' if quick else 'full'})"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, prof_name in _GPU_PROFILES:
+            if key in name:
+                return (device_profile(prof_name),
+                        f"datasheet figures of {prof_name} for {name!r} (per-call overhead "
+                        "assumed, see docs/throughput_model.md)")
+        return None, f"no device profile for {name!r}"
+    return None, f"no device profile for {device.type}"
+
+
+def _finite(v: Any) -> Any:
+    """JSON-safe: an infinite or NaN float becomes None (in dicts and lists too)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _workload(model, settings: InferSettings, lengths: list[int], max_len: int,
+              depths: list[list[int]] | None = None, fractions: list[float] | None = None):
+    from evals.perf.throughput_model import Workload
+
+    elem = next(model.parameters()).element_size()
+    kw = dict(max_len=max_len, temperature=settings.temperature,
+              kv_capacity=settings.kv_capacity, bytes_per_elem=elem)
+    if depths is not None:
+        return Workload(list(lengths), depths, **kw)
+    return Workload.from_lengths(lengths, model.cfg, fractions=fractions,
+                                 seed=settings.seed, **kw)
+
+
+def choose_scheduler(model, settings: InferSettings, lengths: list[int], max_len: int,
+                     batch: int, prof, warm_depths: list[list[int]]) -> dict[str, Any]:
+    """The `auto` choice for a MoR model: project both schedulers on the workload (depths drawn
+    per token from the per-step fractions the warm-up decoding selected) and take the faster;
+    depth-wise (the paper's) when there is no device profile."""
+    from evals.perf.throughput_model import project
+
+    if prof is None:
+        return {"chosen": "depth", "why": "no throughput model on this device: the "
+                "paper's depth-wise batching", "modelled_tokens_per_s": None}
+    fr = selected_fractions(warm_depths, model.cfg.num_recursions)
+    wl = _workload(model, settings, lengths, max_len, fractions=fr)
+    modelled = {s: project(model.cfg, wl, s, batch, prof)["tokens_per_s"]
+                for s in ("depth", "sequence")}
+    chosen = max(modelled, key=modelled.get)
+    return {"chosen": chosen, "modelled_tokens_per_s": modelled,
+            "why": f"the throughput model ({prof.name}) projects {chosen}-wise batching "
+                   f"faster: {modelled[chosen]:,.0f} vs "
+                   f"{modelled['sequence' if chosen == 'depth' else 'depth']:,.0f} tokens/s"}
+
+
+def modelled_row(model, settings: InferSettings, lengths: list[int], max_len: int,
+                 batch: int, scheduler: str, prof, source: str,
+                 depths: list[list[int]] | None, measured: float) -> dict[str, Any]:
+    """The throughput model's roofline card for one measured row (same requests, same
+    per-token depths, same batch and scheduler), JSON-safe."""
+    from evals.perf.throughput_model import project, roofline_card
+
+    wl = _workload(model, settings, lengths, max_len, depths=depths)
+    proj = project(model.cfg, wl, scheduler, batch, prof)
+    card = {k: _finite(v) for k, v in roofline_card(proj, measured).items()}
+    card["source"] = source
+    card["breakdown_share"] = {k: round(v, 4) for k, v in proj["breakdown_share"].items()}
+    return card
+
+
 def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
                  profile: bool = False) -> dict[str, Any]:
     """Decode the workload with every model, interleaved; returns {"settings", "rows",
@@ -162,14 +274,17 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
     lengths = draw_lengths(settings, cap)
     max_len = max(lengths) + 1
     batches, budget = memory_plan(models, settings, max_len)
-    runs = []  # (model index, scheduler)
+    prof, prof_source = device_profile_for(settings, device)
+    if log and prof is not None:
+        log(f"  throughput model: {prof.name}, {prof_source}")
+    runs = []  # (model index, scheduler); "auto" is resolved after the warm-up
     for i, m in enumerate(models):
         if m.model.cfg.family != "mor" or settings.scheduler in ("sequence",):
             runs.append((i, "sequence"))
         elif settings.scheduler == "both":
             runs += [(i, "depth"), (i, "sequence")]
         else:
-            runs.append((i, "depth"))
+            runs.append((i, settings.scheduler))
     engines = {}
     for i, _ in runs:
         m = models[i]
@@ -181,11 +296,23 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
                             seed=settings.seed * 1_000_003 + k)
                     for k, n in enumerate(lengths)] for i, m in enumerate(models)}
     warm = max(1, settings.samples // 8)
-    for i, sched in runs:  # untimed warm-up
-        engines[i].generate(requests[i][:warm], sched)
+    choices: dict[int, dict[str, Any]] = {}
+    for k, (i, sched) in enumerate(runs):  # untimed warm-up
+        outs = engines[i].generate(requests[i][:warm], "depth" if sched == "auto" else sched)
+        if sched == "auto":
+            choices[i] = choose_scheduler(models[i].model, settings, lengths, max_len,
+                                          engines[i].max_batch, prof,
+                                          [list(o.depths) for o in outs])
+            runs[k] = (i, choices[i]["chosen"])
+            if log:
+                log(f"  {models[i].name}: scheduler auto -> {choices[i]['chosen']} "
+                    f"({choices[i]['why']})")
+            if runs[k][1] != "depth":
+                engines[i].generate(requests[i][:warm], runs[k][1])
     times: dict[tuple[int, str], list[float]] = {r: [] for r in runs}
     stats: dict[tuple[int, str], dict] = {}
     stage: dict[tuple[int, str], dict] = {}
+    traces: dict[tuple[int, str], list[list[int]]] = {}
     for rep in range(settings.repeats):
         for i, sched in runs:
             eng = engines[i]
@@ -195,6 +322,7 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
             dt = time.perf_counter() - t0
             times[(i, sched)].append(dt)
             stats[(i, sched)] = dict(eng.stats)
+            traces[(i, sched)] = [list(o.depths) for o in outs]
             if profile:
                 stage[(i, sched)] = dict(eng.stage_times)
             n_tok = sum(len(o.tokens) for o in outs)
@@ -234,6 +362,16 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
                         else ("token" if cfg.family == "mor" else None)),
             "source": m.source, "device": str(device),
         }
+        if cfg.family == "mor":
+            row["selected_fractions"] = selected_fractions(traces[(i, sched)],
+                                                           cfg.num_recursions)
+            row["depth_histogram"] = depth_histogram(traces[(i, sched)], cfg.num_recursions)
+        if i in choices:
+            row["scheduler_choice"] = choices[i]
+        row["modelled"] = (modelled_row(
+            m.model, settings, lengths, max_len, eng.max_batch, sched, prof, prof_source,
+            traces[(i, sched)] if cfg.family == "mor" else None, row["tokens_per_s"])
+            if prof is not None else None)
         if profile:
             row["stage_s"] = stage[(i, sched)]
         rows.append(row)
@@ -245,5 +383,7 @@ def bench_models(models: list[BenchModel], settings: InferSettings, *, log=None,
         row["rel_tokens_per_s"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     return {"settings": dataclasses.asdict(settings), "rows": rows, "lengths": lengths,
             "max_len": max_len, "budget_bytes": budget,
-            "hardware": hardware_info(), "torch_threads": torch.get_num_threads()}
+            "hardware": hardware_info(), "torch_threads": torch.get_num_threads(),
+            "throughput_model": {"profile": _finite(prof.to_dict()) if prof is not None else None,
+                                 "source": prof_source}}
 

@@ -59,7 +59,9 @@ def infer_phase(run_dir: str | Path, settings: InferSettings, log: Log | None = 
                 ) -> dict[str, Any]:
     """Benchmark every successful run of a suite run directory side by side, write
     RUN_DIR/infer.json and each record's metrics["infer"] (for MoR the depth-wise row;
-    with scheduler "both" the sequence-wise one is kept as metrics["infer"]["sequence"])."""
+    with scheduler "both" the sequence-wise one is kept as metrics["infer"]["sequence"]).
+    The throughput model's card of a row stays in its own field, metrics["infer"]["modelled"]
+    (None without a device profile), apart from the measured figures."""
     from evals.perf.generation import bench_models, load_models
 
     run_dir = Path(run_dir)
@@ -71,7 +73,8 @@ def infer_phase(run_dir: str | Path, settings: InferSettings, log: Log | None = 
         by_model.setdefault(row["model"], {})[row["scheduler"]] = row
     keep = ("tokens_per_s", "ms_per_token", "ms_per_iteration", "batch_size", "kv_cache_bytes",
             "param_bytes", "mean_depth", "shared_batch_fill", "capped_frac",
-            "rel_tokens_per_s", "reference", "scheduler", "routing", "tokens", "time_s")
+            "rel_tokens_per_s", "reference", "scheduler", "routing", "tokens", "time_s",
+            "selected_fractions", "scheduler_choice", "modelled")
     for name, rows in by_model.items():
         primary = rows.get("depth") or rows["sequence"]
         entry = {k: primary.get(k) for k in keep}

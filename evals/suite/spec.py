@@ -42,6 +42,7 @@ _TOP_KEYS = {"name", "description", "seeds", "data", "budget", "train", "default
 
 BATCH_MODES = ("max",)
 SCHEDULER_CHOICES = ("auto", "sequence", "depth", "both")
+THROUGHPUT_MODEL_CHOICES = ("auto", "quick", "off")
 MAX_SEED = 2**32 - 1
 """Seeds (suite `seeds`, [infer] seed) are 0..2^32-1: what every RNG they feed (torch, numpy,
 Python) accepts, with room for the derived per-epoch and per-request seeds."""
@@ -101,7 +102,14 @@ class InferSettings:
     """MoR cache per recursion step: "routed" (k_r = c_r * max_len tokens, the paper's
     memory) or "full" (every step can hold every token)."""
     scheduler: str = "auto"
-    """MoR: "auto"/"depth" (depth-wise batching), "sequence", or "both"."""
+    """MoR: "depth" (depth-wise batching), "sequence", "both", or "auto": the scheduler the
+    throughput model predicts is faster for this model, batch and device (depth-wise when
+    `throughput_model` is "off" or the device has no profile); the choice is recorded."""
+    throughput_model: str = "auto"
+    """Project every measurement with the throughput model (docs/throughput_model.md) and
+    report its roofline card beside it: "auto" (on a CPU: calibrate this CPU first, ~12 s;
+    on an H100/H200/A100: datasheet figures; other devices: none), "quick" (a ~1 s CPU
+    calibration, coarser), or "off"."""
     threads: int | None = None
     """torch threads (None: torch's default)."""
     device: str = "cpu"
@@ -142,6 +150,9 @@ class InferSettings:
             fail("kv_capacity", f"\"routed\" or \"full\", got {self.kv_capacity!r}")
         if self.scheduler not in SCHEDULER_CHOICES:
             fail("scheduler", f"one of {SCHEDULER_CHOICES}, got {self.scheduler!r}")
+        if self.throughput_model not in THROUGHPUT_MODEL_CHOICES:
+            fail("throughput_model", f"one of {THROUGHPUT_MODEL_CHOICES}, got "
+                 f"{self.throughput_model!r}")
         integer("max_len", 2, optional=True)
         integer("threads", 1, optional=True)
         if self.device not in ("cpu", "cuda", "auto"):

@@ -4,6 +4,7 @@ timing, the suite's [infer] table and `mor-bench bench-infer`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-FAST = dict(samples=6, gen_mean=10, gen_std=3, repeats=2, batch_size=3)
+FAST = dict(samples=6, gen_mean=10, gen_std=3, repeats=2, batch_size=3, throughput_model="quick")
 
 
 def test_workload_lengths_are_seeded_and_clipped() -> None:
@@ -124,21 +125,52 @@ def test_bench_infer_cli_json(checkpoints, capsys) -> None:
 
     rc = main(["bench-infer", checkpoints["vanilla"], checkpoints["mor-2"], "--samples", "4",
                "--gen-mean", "6", "--gen-std", "2", "--repeats", "1", "--batch-size", "2",
-               "--json"])
+               "--throughput-model", "quick", "--json"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in res["rows"]] == ["vanilla", "mor-2"]
-    assert res["rows"][1]["scheduler"] == "depth"
-    assert res["rows"][1]["rel_tokens_per_s"] > 0
+    van, mor = res["rows"]
+    assert mor["rel_tokens_per_s"] > 0
+    # scheduler auto: the one the throughput model projects faster, recorded with the figures
+    choice = mor["scheduler_choice"]
+    assert choice["chosen"] == mor["scheduler"] == max(choice["modelled_tokens_per_s"],
+                                                       key=choice["modelled_tokens_per_s"].get)
+    assert "scheduler_choice" not in van
+    # the roofline card beside each measurement, in its own field
+    for r in (van, mor):
+        card = r["modelled"]
+        assert card["measured_tokens_per_s"] == pytest.approx(r["tokens_per_s"])
+        assert card["modelled_tokens_per_s"] > 0 and card["weight_bytes_per_iteration"] > 0
+        assert card["model_error"] == pytest.approx(
+            card["modelled_tokens_per_s"] / r["tokens_per_s"] - 1)
+        # the model replays the engine's scheduler on the measured depths: same iterations
+        assert card["iterations"] == r["iterations"]
+    # mean depth = sum over steps of the fraction of tokens taking the step
+    assert sum(mor["selected_fractions"]) == pytest.approx(mor["mean_depth"])
+    assert sum(mor["depth_histogram"]) == sum(res["lengths"])
+    assert res["throughput_model"]["profile"]["name"]
+
+
+def test_bench_infer_without_the_model_decodes_depth_wise(checkpoints, capsys) -> None:
+    from evals.cli.main import main
+
+    rc = main(["bench-infer", checkpoints["mor-2"], "--samples", "3", "--gen-mean", "5",
+               "--repeats", "1", "--batch-size", "2", "--throughput-model", "off", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["scheduler"] == "depth" and row["modelled"] is None
+    assert "no throughput model" in row["scheduler_choice"]["why"]
 
 
 def test_bench_infer_cli_table_and_bad_input(checkpoints, capsys, tmp_path) -> None:
     from evals.cli.main import main
 
     rc = main(["bench-infer", checkpoints["mor-2"], "--samples", "3", "--gen-mean", "5",
-               "--repeats", "1", "--batch-size", "2", "--profile"])
+               "--repeats", "1", "--batch-size", "2", "--profile", "--throughput-model",
+               "quick", "--scheduler", "depth"])
     out = capsys.readouterr().out
     assert rc == 0 and "tokens/s" in out and "shared" in out
+    assert "roofline card" in out and "model, not measured" in out
     assert main(["bench-infer", str(tmp_path)]) == 2
     assert "not a mor-bench checkpoint" in capsys.readouterr().err
     assert main(["bench-infer", checkpoints["mor-2"], "--batch-size", "lots"]) == 2
@@ -150,7 +182,8 @@ def test_suite_inference_phase_adds_infer_metrics(tmp_path) -> None:
     from evals.suite.runner import run_suite
 
     suite = parse_suite(MICRO_SUITE + "\n[infer]\nsamples = 4\ngen_mean = 6\ngen_std = 2\n"
-                        "repeats = 1\nbatch_size = 2\nscheduler = \"both\"\n", source="t.toml")
+                        "repeats = 1\nbatch_size = 2\nscheduler = \"both\"\n"
+                        "throughput_model = \"quick\"\n", source="t.toml")
     run_dir, records, failed = run_suite(suite, tmp_path)
     assert failed == []
     res = json.loads((run_dir / "infer.json").read_text())
@@ -161,3 +194,9 @@ def test_suite_inference_phase_adds_infer_metrics(tmp_path) -> None:
     assert mor["scheduler"] == "depth" and mor["sequence"]["scheduler"] == "sequence"
     assert mor["tokens"] == sum(res["lengths"]) and 1 <= mor["mean_depth"] <= 2
     assert mor["kv_cache_bytes"] < by_family["vanilla"]["kv_cache_bytes"]
+    # measured and modelled side by side, never mixed: the card in its own field
+    assert mor["modelled"]["measured_tokens_per_s"] == pytest.approx(mor["tokens_per_s"])
+    from reports.html import render_html
+
+    html = Path(render_html(run_dir)).read_text()
+    assert "model: tokens/s" in html and "model, not measured" in html
