@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = InferSettings(samples=args.samples, gen_mean=args.gen_mean,
                              gen_std=args.gen_std, batch_size=batch,
                              reference_batch=args.reference_batch, repeats=args.repeats,
-                             temperature=1.0, scheduler="both", threads=args.threads)
+                             temperature=1.0, scheduler="both", threads=args.threads,
+                             # this script calibrates (before and after) and projects itself
+                             throughput_model="off")
     cfg0 = models[0].model.cfg
     shape = dict(d_model=cfg0.d_model, d_ff=cfg0.d_ff, n_heads=cfg0.n_heads,
                  n_kv_heads=cfg0.n_kv_heads)
