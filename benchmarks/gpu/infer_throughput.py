@@ -227,18 +227,9 @@ def model_only(args) -> dict:
                                            bytes_per_elem=dtype.itemsize)
                 for sched in (["sequence"] if model.cfg.family != "mor" else args.schedulers):
                     proj = project(model.cfg, wl, sched, batch, prof)
-                    share = proj["breakdown_share"]
-                    out.append({"profile": prof.name, "device_measured": False,
-                                "label": "model, not measured", "model": name,
-                                "batch_setting": batch_setting, "batch": batch,
-                                "scheduler": sched, "mean_depth": proj["mean_depth"],
-                                "tokens_per_s": proj["tokens_per_s"],
-                                "ms_per_iteration": proj["ms_per_iteration"],
-                                "bound": max(share, key=share.get) if share else None})
+                    out.append(_entry(proj, prof, False, name, batch_setting, batch, sched))
+    _speedups(out)
     for p in out:
-        ref = next(x for x in out if x["profile"] == p["profile"] and x["model"] == "vanilla"
-                   and x["batch_setting"] == p["batch_setting"])
-        p["speedup"] = p["tokens_per_s"] / ref["tokens_per_s"]
         p["paper_speedup"] = PAPER.get((p["model"], p["batch_setting"]))
     return {"settings": {k: v for k, v in vars(args).items() if k != "json"},
             "dtype": str(dtype), "memory_budget_bytes": budget,
@@ -281,18 +272,29 @@ def project_rows(rows, models, lengths, max_len, device, also: list[str]) -> lis
             wl = Workload(list(lengths), r["depth_trace"], max_len=max_len, temperature=1.0,
                           kv_capacity="routed", bytes_per_elem=elem)
             proj = project(model.cfg, wl, r["scheduler"], r["batch"], prof)
-            share = proj["breakdown_share"]
-            out.append({"profile": prof.name, "device_measured": measured_here,
-                        "label": "model, not measured", "model": r["model"],
-                        "batch_setting": r["batch_setting"], "batch": r["batch"],
-                        "scheduler": r["scheduler"], "tokens_per_s": proj["tokens_per_s"],
-                        "ms_per_iteration": proj["ms_per_iteration"],
-                        "bound": max(share, key=share.get) if share else None})
+            out.append(_entry(proj, prof, measured_here, r["model"], r["batch_setting"],
+                              r["batch"], r["scheduler"]))
+    _speedups(out)
+    return out
+
+
+def _entry(proj: dict, prof, measured_here: bool, name: str, batch_setting: str, batch: int,
+           scheduler: str) -> dict:
+    """One projected configuration, labelled as a model."""
+    share = proj["breakdown_share"]
+    return {"profile": prof.name, "device_measured": measured_here,
+            "label": "model, not measured", "model": name, "batch_setting": batch_setting,
+            "batch": batch, "scheduler": scheduler, "mean_depth": proj["mean_depth"],
+            "tokens_per_s": proj["tokens_per_s"], "ms_per_iteration": proj["ms_per_iteration"],
+            "bound": max(share, key=share.get) if share else None}
+
+
+def _speedups(out: list[dict]) -> None:
+    """Each projection's tokens/s over vanilla's on the same profile and batch setting."""
     for p in out:
         ref = next(x for x in out if x["profile"] == p["profile"] and x["model"] == "vanilla"
                    and x["batch_setting"] == p["batch_setting"])
         p["speedup"] = p["tokens_per_s"] / ref["tokens_per_s"]
-    return out
 
 
 def print_table(res: dict) -> None:

@@ -85,7 +85,7 @@ BASE: dict[str, Any] = {
     "infer": {"samples": 4, "gen_mean": 8.0, "gen_std": 2.0, "max_len": 32, "batch_size": 4,
               "memory_budget_mb": 64.0, "reference_batch": 4, "repeats": 1, "seed": 0,
               "temperature": 1.0, "kv_capacity": "routed", "scheduler": "auto",
-              "threads": 1, "device": "cpu"},
+              "throughput_model": "off", "threads": 1, "device": "cpu"},
     "speed": {"rounds": 1, "steps_per_round": 1, "warmup_steps": 0},
 }
 MODELS = {m["name"]: i for i, m in enumerate(BASE["models"])}
@@ -303,6 +303,7 @@ INFER = {
     "batch_size": Field("int_or_max", ints_below(1)),
     "kv_capacity": choice(("routed", "full")),
     "scheduler": choice(("auto", "sequence", "depth", "both")),
+    "throughput_model": choice(("auto", "quick", "off")),
     "device": choice(("cpu", "cuda", "auto")),
 }
 SPEED = {"rounds": pos_int(), "steps_per_round": pos_int(), "warmup_steps": pos_int(0)}
@@ -438,7 +439,7 @@ CHOICE_FIELDS = {
     "model": ["family", "router", "sharing", "kv", "router_arch", "router_func",
               "expert_aux", "balancing", "eval_routing", "preset"],
     "train": ["device", "parallel", "step_rule"],
-    "infer": ["kv_capacity", "scheduler", "device"],
+    "infer": ["kv_capacity", "scheduler", "throughput_model", "device"],
     "data": ["tokenizer"],
 }
 
