@@ -455,10 +455,16 @@ def train(model: CausalLM, batches, plan: TrainPlan, tcfg: TrainConfig, *,
             for k, v in res.stats_sum.items():  # on the device: no sync per step
                 routing_sums[k] = routing_sums[k] + v if k in routing_sums else v
                 routing_n[k] = routing_n.get(k, 0) + res.stats_count[k]
-            loss_val = res.loss.item()  # one sync per step: a NaN is caught where it appears
-            if not math.isfinite(loss_val):
+            # One sync per step for the loss and the gradient norm: a NaN/inf is caught where
+            # it appears. A non-finite gradient norm diverges too, even while the loss is
+            # still finite: clipping then zeroes (inf) or poisons (NaN) the update.
+            loss_val, gn_val = torch.stack([res.loss.detach().float(),
+                                            res.grad_norm.float()]).tolist()
+            if not (math.isfinite(loss_val) and math.isfinite(gn_val)):
+                what = (f"training loss became {loss_val}" if not math.isfinite(loss_val)
+                        else f"gradient norm became {gn_val} (loss {loss_val:.4f})")
                 raise TrainingDiverged(
-                    f"training loss became {loss_val} at step {step + 1}; the last finite loss "
+                    f"{what} at step {step + 1}; the last finite loss "
                     f"was at step {last_finite['step']}: lower the learning rate (lr = "
                     f"{tcfg.lr}) or raise warmup_frac",
                     {"step": step + 1, "loss": str(loss_val), "last_finite_step":
