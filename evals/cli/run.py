@@ -68,6 +68,9 @@ def _dry_run(args: argparse.Namespace, suite) -> int:
               "FLOPs/tok": f"{r['flops_per_token_paper']:.3g}",
               "tokens": f"{r['tokens']:.4g}", "steps": r["steps"],
               "batch tokens": r["batch_tokens"]} for r in rows]
+    if any(r.get("init") for r in rows):  # uptraining: where each run starts from
+        for row, r in zip(shown, rows):
+            row["init"] = r.get("init") or "-"
     rich_table(f"plan for suite {suite.name} (forward FLOPs, paper convention)",
                shown, list(shown[0]))
     return 0

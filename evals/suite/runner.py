@@ -61,6 +61,49 @@ from evals.training.budget import plan_training
 from evals.training.loop import for_world
 from mor.errors import ConfigError
 
+INIT_FILE = "init.json"
+
+
+def _uptrain_init(spec: RunSpec, run_dir: Path, train_windows):
+    """The run's model initialised from its pretrained source (baselines/uptrain.py): for MoR
+    with `fit_gate`, router_alpha set so that fresh routers give the least-squares gate g*
+    fitted on 8 training windows. Returns (model, what was done)."""
+    import torch
+
+    from baselines.uptrain import (
+        alpha_for_gate,
+        describe_pretrained,
+        gate_scale,
+        init_from_pretrained,
+        load_weights,
+    )
+    from mor import build_model
+
+    source = spec.init["source"]
+    path = source
+    if source.startswith("run:"):
+        path = str(run_dir / source[4:])
+        if not (run_dir / source[4:] / "model.safetensors").is_file():
+            raise ConfigError(f"{spec.run_id}: its init run {source[4:]} left no checkpoint "
+                              "(did it fail?)")
+    src = load_weights(describe_pretrained(path))
+    cfg = spec.config
+    gate = None
+    if cfg.family == "mor" and spec.init.get("fit_gate"):
+        rows = np.asarray(train_windows[:8])[:, : cfg.max_seq_len].astype(np.int64)
+        g = gate_scale(src, cfg, torch.from_numpy(rows))
+        alpha = alpha_for_gate(cfg, g)
+        gate = {"g_star": g, "router_alpha": alpha, "router_alpha_config": cfg.router_alpha}
+        if alpha is not None:
+            cfg = cfg.replace(router_alpha=alpha)
+    torch.manual_seed(spec.seed)  # the fresh routers as a plain build would draw them
+    model = build_model(cfg)
+    done = init_from_pretrained(model, src, spec.init.get("method"))
+    done["gate"] = gate
+    if source.startswith("run:"):
+        done["run"] = source[4:]
+    return model, done
+
 
 def make_run_dir(out_root: Path, suite_name: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -229,6 +272,10 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         # reads only its own batches' rows; iterate_batches widens each batch to int64.
         train_windows = _load_windows(data_dir / "train.npy")
         model = build_model(spec.config)
+        if spec.init is not None:  # uptraining: weights from the pretrained source
+            model, init_info = _uptrain_init(spec, run_dir, train_windows)
+            if info.is_main:
+                write_json_atomic(out_dir / INIT_FILE, init_info)
         batches = Batches(train_windows, tcfg.batch_size, seed=spec.seed, rank=info.rank,
                           world_size=info.world_size)
         status.phase("training", step=0, total=spec.plan.steps)
@@ -324,6 +371,8 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         # Resumed runs: where each resume continued from; the timing figures above count
         # the steps that completed once (the work lost to a kill is not in them).
         "resumed": result.resumed or None,
+        # Uptraining: the pretrained source (hash), method, layer map and gate it started from
+        "init": read_json(out_dir / INIT_FILE) if (out_dir / INIT_FILE).is_file() else None,
         "backend": backend,
         "checkpoint": str(out_dir), "started_at": started, "finished_at": utc_now(),
         "provenance": provenance(),

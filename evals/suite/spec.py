@@ -307,6 +307,9 @@ class ModelEntry:
     config: ModelConfig
     budgets: tuple[Budget, ...]
     preset: str | None = None
+    init: dict[str, Any] | None = None
+    """Uptraining (docs/uptraining.md): {"source": "hf:..." | a checkpoint path |
+    "model:NAME", "method": stepwise | average | lower (recursive/MoR), "fit_gate": bool}."""
 
 
 @dataclass(frozen=True)
@@ -347,14 +350,19 @@ class RunSpec:
     plan: TrainPlan
     warmup_steps: int
     preset: str | None = None
+    init: dict[str, Any] | None = None
+    """The entry's `init`, with "model:NAME" resolved to "run:RUN_ID" (same seed)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "run_id": self.run_id, "model_name": self.model_name, "preset": self.preset,
             "config": self.config.to_dict(),
             "budget": {"kind": self.budget.kind, "value": self.budget.value},
             "seed": self.seed, "plan": self.plan.to_dict(), "warmup_steps": self.warmup_steps,
         }
+        if self.init is not None:
+            out["init_plan"] = dict(self.init)
+        return out
 
 
 def builtin_suites() -> dict[str, str]:
@@ -580,6 +588,14 @@ def parse_suite(text: str, source: str) -> Suite:
         if preset is not None and (not isinstance(preset, str) or not preset):
             raise ConfigError(f"{source}: {where}: 'preset' must name a preset ("
                               f"{', '.join(PRESETS)}), got {preset!r}")
+        init_raw, method = entry.pop("init", None), entry.pop("init_method", None)
+        pretrained = (_init_source(init_raw, models, data, where, source)
+                      if init_raw is not None else None)
+        if init_raw is None and method is not None:
+            raise ConfigError(f"{source}: {where}: init_method needs an init (hf:NAME_OR_PATH, "
+                              "a checkpoint directory or model:NAME)")
+        if pretrained is not None and "vocab_size" not in entry:
+            entry["vocab_size"] = pretrained.shapes["vocab_size"]
         if "vocab_size" not in entry and data.planned_vocab() is not None:
             entry["vocab_size"] = data.planned_vocab()
         _check_types(where, entry, ModelConfig, source)
@@ -590,7 +606,26 @@ def parse_suite(text: str, source: str) -> Suite:
                 cfg = cfg.replace(max_seq_len=data.seq_len)  # RoPE tables must cover it
         except ConfigError as e:
             raise ConfigError(f"{source}: {where}: {e}") from None
-        models.append(ModelEntry(mname, cfg, budgets, preset))
+        init = None
+        if pretrained is not None:
+            from baselines.uptrain import METHODS, check_compatible
+
+            if cfg.family == "vanilla" and method is not None:
+                raise ConfigError(f"{source}: {where}: init_method applies to recursive and "
+                                  "MoR models (a vanilla model continues the pretrained one)")
+            if cfg.family != "vanilla":
+                method = "stepwise" if method is None else method
+                if method not in METHODS:
+                    raise ConfigError(f"{source}: {where}: init_method must be one of "
+                                      f"{', '.join(METHODS)}, got {method!r}")
+            try:
+                check_compatible(cfg, pretrained, method)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {where}: {e}") from None
+            init = {"source": init_raw, "method": method, "sha256": pretrained.sha256 or None,
+                    # the gate fitted to the pretrained layers unless router_alpha is set
+                    "fit_gate": cfg.family == "mor" and "router_alpha" not in entry}
+        models.append(ModelEntry(mname, cfg, budgets, preset, init))
     eval_raw = raw.get("eval", {})
     _check_keys("[eval]", eval_raw, {f.name for f in dataclasses.fields(EvalSettings)}, source)
     tasks = eval_raw.get("tasks", [])
@@ -623,6 +658,40 @@ def parse_suite(text: str, source: str) -> Suite:
     return Suite(name=name, description=description, source=source,
                  text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
                  evaluation=evaluation, infer=infer, speed=speed, sweep=sweep)
+
+
+def _init_source(init: Any, models: list[ModelEntry], data: DataSettings, where: str,
+                 source: str):
+    """The pretrained source a model entry's `init` names, described before any compute
+    (configuration and weight hash; no weights loaded): "hf:NAME_OR_PATH" (its tokenizer
+    must be the suite's), a mor-bench vanilla checkpoint directory, or "model:NAME", an
+    earlier vanilla entry of this suite with one budget, trained first (same seed)."""
+    from baselines.uptrain import Pretrained, describe_pretrained
+
+    if not isinstance(init, str) or not init:
+        raise ConfigError(f"{source}: {where}: init must be \"hf:NAME_OR_PATH\", a "
+                          f"checkpoint directory or \"model:NAME\", got {init!r}")
+    if init.startswith("model:"):
+        name = init[6:]
+        entry = next((m for m in models if m.name == name), None)
+        if entry is None:
+            raise ConfigError(f"{source}: {where}: init {init!r}: no earlier model named "
+                              f"{name!r} (the source must come before it in [[models]])")
+        if entry.config.family != "vanilla" or len(entry.budgets) != 1:
+            raise ConfigError(f"{source}: {where}: init {init!r}: the source must be a "
+                              "vanilla model with one budget")
+        c = entry.config
+        return Pretrained(init, c.n_layers, {k: getattr(c, k) for k in (
+            "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")}, "", kind="run",
+            config=c)
+    try:
+        src = describe_pretrained(init)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {where}: {e}") from None
+    if init.startswith("hf:") and data.tokenizer != init:
+        raise ConfigError(f"{source}: {where}: init {init!r} comes with its own tokenizer; "
+                          f"set [data] tokenizer = \"{init}\" (now {data.tokenizer!r})")
+    return src
 
 
 def sweep_targets(sweep: SweepSettings, models) -> list:
@@ -673,8 +742,15 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
         for b, p in zip(m.budgets, plans):
             for seed in suite.seeds:
                 run_id = f"{m.name}-{b.tag}-s{seed}"
+                init = None
+                if m.init is not None:
+                    init = dict(m.init)
+                    if init["source"].startswith("model:"):
+                        src = next(e for e in suite.models
+                                   if e.name == init["source"][6:])
+                        init["source"] = f"run:{src.name}-{src.budgets[0].tag}-s{seed}"
                 runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
-                                    min(warmup, p.steps), m.preset))
+                                    min(warmup, p.steps), m.preset, init))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # a guard: names, budgets and seeds are unique above
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -701,6 +777,8 @@ def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:
             "batch_tokens": r.plan.tokens_per_step, "flops_used": r.plan.flops_used,
             "world_size": r.plan.world_size, "step_rule": r.plan.step_rule,
             "warmup_steps": r.warmup_steps, "seed": r.seed,
+            "init": (None if r.init is None else r.init["source"] + (
+                f" ({r.init['method']})" if r.init.get("method") else "")),
         })
     return rows
 
