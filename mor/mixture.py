@@ -35,6 +35,14 @@ without switching the model; training uses top-k unless told otherwise):
 Top-k over a right-padded batch (`forward(lengths=...)`) is the same path with masks: each
 row keeps its top k of its REAL tokens, and losses and statistics cover real tokens only.
 
+Packed rows (`forward(positions=..., attn_mask=...)`, e.g. a shared context and several
+continuations in one row; `mor.model.prefix_tree_mask`) run under the causal rule and
+token-choice routing, whose decisions depend on each token's own hidden state only: each
+step's selected tokens are compacted in row order and attend through the explicit mask
+gathered to them (rows and columns; with KV sharing, rows over the first recursion's keys of
+the whole row), at their given RoPE positions. Top-k routing compares tokens of one row with
+each other, so a packed row would change its decisions: it refuses them.
+
 The routing rules (routers, capacities, selection, the causal rule, token choice, gates) are
 the functions of `mor.routing` (docs/routing.md), which the decode engine calls as well.
 
@@ -49,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor.config import ModelConfig
+from mor.errors import ConfigError
 from mor.model import CausalLM, KVEntry
 from mor.routing import (
     Router,
@@ -110,36 +119,65 @@ class MoRLM(CausalLM):
 
     # --- the stack ---------------------------------------------------------------------------
     def _run_stack(self, h: Tensor, step: int | None, kv_log: list[KVEntry] | None,
-                   lengths: Tensor | None = None, routing: str | None = None):
+                   lengths: Tensor | None = None, routing: str | None = None, *,
+                   positions: Tensor | None = None, attn_mask: Tensor | None = None):
         t = h.shape[1]
-        cos, sin = self.rope_for(torch.arange(t, device=h.device))
+        mode = forward_mode(self.cfg, self.training, routing)
+        packed = positions is not None or attn_mask is not None
+        if packed and mode == "topk":
+            raise ConfigError("top-k expert-choice routing is not causal (a token's depth "
+                              "depends on the other tokens of its row): packed rows with "
+                              "positions/attn_mask need routing 'causal' or token-choice")
+        cos, sin = self.rope_for(torch.arange(t, device=h.device) if positions is None
+                                 else positions)
         for i in self.first:
-            h, kv = self.layers[i](h, cos, sin)
+            h, kv = self.layers[i](h, cos, sin, attn_mask)
             if kv_log is not None:
                 kv_log.append(KVEntry(i, 1, *kv))
-        mode = forward_mode(self.cfg, self.training, routing)
         if mode == "token":
-            h, aux, stats, depths = self._token_choice(h, kv_log)
+            h, aux, stats, depths = self._token_choice(h, kv_log, positions=positions,
+                                                       attn_mask=attn_mask)
         elif mode == "topk":
             h, aux, stats, depths = self._expert_topk(h, step, kv_log, lengths)
         else:
-            h, aux, stats, depths = self._expert_causal(h, kv_log)
+            h, aux, stats, depths = self._expert_causal(h, kv_log, positions=positions,
+                                                        attn_mask=attn_mask)
         for i in self.last:
-            h, kv = self.layers[i](h, cos, sin)
+            h, kv = self.layers[i](h, cos, sin, attn_mask)
             if kv_log is not None:
                 kv_log.append(KVEntry(i, 1, *kv))
         return h, aux, stats, depths
 
     def _apply_shared(self, x: Tensor, idx: Tensor, valid: Tensor | None, r: int,
-                      kv_store: list, kv_log: list[KVEntry] | None) -> Tensor:
-        """The shared block on tokens x [B, K, d] at positions idx [B, K], recursion r.
+                      kv_store: list, kv_log: list[KVEntry] | None, *,
+                      positions: Tensor | None = None,
+                      attn_mask: Tensor | None = None) -> Tensor:
+        """The shared block on tokens x [B, K, d] at row indices idx [B, K], recursion r.
 
         Recursion-wise caching: the K tokens attend causally among themselves (and padded
         slots, valid=False, are never attended to). KV sharing, r > 1: queries only, over
-        the first recursion's keys/values at positions <= each query's position."""
-        cos, sin = self.rope_for(idx)
+        the first recursion's keys/values at positions <= each query's position.
+
+        Packed rows: `positions` [B, T] are the RoPE positions of the row's tokens (default:
+        the row index) and `attn_mask` [B, T, T] replaces "causal" above: gathered to the
+        selected queries' rows and, with caching, to the selected keys' columns; with sharing,
+        to all columns (the first recursion ran every token of the row, in row order)."""
+        cos, sin = self.rope_for(idx if positions is None else positions.gather(1, idx))
         share = self.cfg.kv == "share" and r > 1
-        if share:
+        if attn_mask is not None:
+            rows = attn_mask.gather(1, idx.unsqueeze(-1).expand(-1, -1, attn_mask.shape[2]))
+            if share:
+                if kv_store[0][0].shape[2] != attn_mask.shape[2]:
+                    raise ConfigError("KV sharing needs the first recursion to run every token")
+                mask = rows  # [B, K, T]: the first recursion's keys are the whole row
+            else:
+                k = idx.shape[1]
+                mask = rows.gather(2, idx.unsqueeze(1).expand(-1, k, -1))  # [B, K, K]
+                if valid is not None:
+                    # Padded slots are never attended to; a padded query sees itself.
+                    mask = (mask & valid.unsqueeze(1)) | torch.eye(
+                        k, dtype=torch.bool, device=x.device)
+        elif share:
             t = kv_store[0][0].shape[2]
             mask = torch.arange(t, device=x.device).view(1, 1, t) <= idx.unsqueeze(-1)
         elif valid is None:
@@ -255,7 +293,8 @@ class MoRLM(CausalLM):
             stats["dead_token_ratio"] = self._dead_ratio(last, real).detach()
         return h, aux, stats, depths
 
-    def _expert_causal(self, h: Tensor, kv_log):
+    def _expert_causal(self, h: Tensor, kv_log, *, positions: Tensor | None = None,
+                       attn_mask: Tensor | None = None):
         cfg = self.cfg
         b, t, _ = h.shape
         caps = cfg.step_capacities
@@ -282,7 +321,8 @@ class MoRLM(CausalLM):
                 continue  # nobody goes on; deeper steps select from nobody
             x = gather_tokens(h, idx)
             gate = expert_gate(logits.gather(1, idx), cfg).unsqueeze(-1).to(x.dtype)
-            y = self._apply_shared(x, idx, valid, r, kv_store, kv_log)
+            y = self._apply_shared(x, idx, valid, r, kv_store, kv_log, positions=positions,
+                                   attn_mask=attn_mask)
             new = x + gate * y
             if valid is not None:
                 new = torch.where(valid.unsqueeze(-1), new, x)
@@ -295,7 +335,8 @@ class MoRLM(CausalLM):
         return h, None, stats, depths
 
     # --- token-choice ------------------------------------------------------------------------
-    def _token_choice(self, h: Tensor, kv_log):
+    def _token_choice(self, h: Tensor, kv_log, *, positions: Tensor | None = None,
+                      attn_mask: Tensor | None = None):
         cfg = self.cfg
         nr = cfg.num_recursions
         logits = self.router(h).float()  # [B, T, N_r], on the first layer's output
@@ -319,7 +360,8 @@ class MoRLM(CausalLM):
             if idx is None:
                 continue
             x = gather_tokens(cur, idx)
-            y = self._apply_shared(x, idx, valid, r, kv_store, kv_log)
+            y = self._apply_shared(x, idx, valid, r, kv_store, kv_log, positions=positions,
+                                   attn_mask=attn_mask)
             if valid is not None:
                 y = torch.where(valid.unsqueeze(-1), y, x)
             cur = scatter_tokens(cur, idx, y)

@@ -22,6 +22,10 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--routing", choices=["topk", "causal", "both"], help="expert-choice "
                        "MoR routing (default: the checkpoint's own)")
         p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                       help="score every log-likelihood request in its own row (default: "
+                       "requests sharing a context share one packed row; causal models only, "
+                       "top-k MoR never packs)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--cache-dir", help=f"where generated and offline tasks live "
                        f"{_CACHE_HELP}")
@@ -120,7 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {}
     for mode in modes:
         lm = MorBenchLM(args.checkpoint, routing=mode, batch_size=args.batch_size,
-                        device=None if args.device == "auto" else args.device)
+                        device=None if args.device == "auto" else args.device,
+                        shared_prefix=getattr(args, "shared_prefix", True))
         res = run_tasks(lm, tasks, include_paths=paths, num_fewshot=args.num_fewshot,
                         limit=args.limit)
         results[lm.routing or "default"] = res

@@ -15,6 +15,20 @@ docs/protocol.md §6); the adapter reports it so every lm-eval result can say wh
 produced it. A model passed in keeps its own routing: the adapter switches it only around
 its own forwards (`mor.routing.use_routing`) and restores it afterwards.
 
+Shared-prefix scoring (`shared_prefix=True`, the default): multiple-choice tasks send one
+request per answer, all with the same context. For causal models (vanilla, recursive, MoR
+under causal or token-choice routing) the requests are grouped by their context tokens --
+after the same truncation as the plain path -- and each group is scored in ONE packed row
+[context, answer 1, answer 2, ...]: every answer's RoPE positions restart after the context
+and an attention mask (`mor.model.prefix_tree_mask`) lets it see the context and itself
+only, so the context runs once and the logits are computed only where an answer is scored.
+The log-likelihoods equal the plain path's (one row per request) to float round-off
+(tests/evals/lmeval/test_shared_prefix.py). Packed rows are length-sorted and batched under a
+token budget (`token_budget`, rows x padded width). MoR top-k routing is not causal -- packing
+would change its decisions -- so it always takes the plain path (slower on multiple choice).
+`scoring` says which path the adapter uses ("shared_prefix" or "plain"), `run_tasks` records
+it, and `scoring_counts` counts requests, forwards and tokens per path.
+
 `run_tasks` evaluates a task list through lm-eval (the one TaskManager comes from
 `evals.lmeval.tasks.task_manager`); `evaluate_synthetic` is its view for the synthetic tasks.
 """
@@ -24,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +53,7 @@ from evals.lmeval.synthetic_tasks import METRICS, SYNTHETIC_TASKS, check_written
 from evals.lmeval.tasks import all_data_local, offline_hf, task_manager
 from mor.checkpoint import load_checkpoint, read_checkpoint_meta
 from mor.errors import ConfigError, DataError
-from mor.model import CausalLM
+from mor.model import CausalLM, prefix_tree_mask
 from mor.routing import use_routing
 
 
@@ -49,13 +64,35 @@ def _as_int(value: Any, name: str) -> int:
         raise ConfigError(f"lm-eval model arg {name}={value!r} must be an integer") from None
 
 
+def _as_bool(value: Any, name: str) -> bool:
+    """A bool, or lm-eval's model_args string form ("True", "false", "1", ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"lm-eval model arg {name}={value!r} must be true or false")
+
+
+SCORING_PATHS = ("shared_prefix", "plain")
+"""How `_loglikelihood_tokens` scores: packed rows with shared contexts, or one row each."""
+
+
 @register_model("mor-bench")
 class MorBenchLM(TemplateLM):
     """A `TemplateLM` over the mor-bench model interface (any family)."""
 
     def __init__(self, checkpoint: str | None = None, *, model: CausalLM | None = None,
                  tokenizer=None, routing: str | None = None, batch_size: Any = 16,
-                 device: str | None = None, max_length: Any = None, **_ignored: Any) -> None:
+                 device: str | None = None, max_length: Any = None,
+                 shared_prefix: Any = True, token_budget: Any = None,
+                 **_ignored: Any) -> None:
+        """`shared_prefix`: score requests that share a context in one packed row (causal
+        models; see the module docstring); False: one row per request, as top-k MoR always
+        does. `token_budget`: rows x padded width of one packed forward (default
+        256 x batch_size); `batch_size` is the number of rows of a plain forward."""
         super().__init__()
         from evals.data.tokenizer import tokenizer_from_spec
 
@@ -91,6 +128,16 @@ class MorBenchLM(TemplateLM):
         self.routing = (None if cfg.family != "mor"
                         else "token" if cfg.router == "token"
                         else self._eval_routing or cfg.eval_routing)
+        self.token_budget = (max(1, _as_int(token_budget, "token_budget"))
+                             if token_budget not in (None, "") else 256 * self.batch_size_)
+        # Top-k MoR is not causal: its requests never take the shared-prefix path.
+        self.scoring = ("shared_prefix" if _as_bool(shared_prefix, "shared_prefix")
+                        and self.routing != "topk" else "plain")
+        self.scoring_counts: Counter[str] = Counter()
+        """Requests, forwards and tokens (rows x padded width) per path since construction:
+        keys "<path>_requests", "<path>_forwards", "<path>_tokens", "<path>_real_tokens"
+        (without padding) and "shared_prefix_grouped_requests" (those that shared their row
+        with another)."""
 
     def _routed(self):
         """A context in which the model routes as this adapter evaluates (`routing`)."""
@@ -137,7 +184,8 @@ class MorBenchLM(TemplateLM):
         """(cache key, context ids, continuation ids) -> (sum log p(continuation), greedy?).
 
         The input is context + continuation minus its last token, truncated on the left to
-        max_length; requests are scored longest first in batches of `batch_size`."""
+        max_length. Plain path: requests are scored longest first in batches of
+        `batch_size`, one row each. Shared-prefix path (`scoring`): see `_score_shared`."""
         items = []
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
@@ -145,21 +193,134 @@ class MorBenchLM(TemplateLM):
             # A continuation longer than the window: its first tokens cannot be predicted
             # inside it, so only the last max_length are scored.
             whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            items.append((i, whole[:-1], list(cont)[-self.max_length:]))
-        order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
+            target = list(cont)[-self.max_length:]
+            if len(whole) <= len(target):
+                raise ConfigError("lm-eval sent an empty context; the first continuation "
+                                  "token has nothing to be predicted from")
+            items.append((i, whole[:-1], target))
         results: list[tuple[float, bool] | None] = [None] * len(items)
+        if self.scoring == "shared_prefix":
+            self._score_shared(items, results)
+        else:
+            self._score_plain(items, results)
+        for i, res in enumerate(results):
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], res)
+        return results  # type: ignore[return-value]
+
+    def _score_plain(self, items, results) -> None:
+        """One right-padded row per request, longest first, `batch_size` rows a forward."""
+        order = sorted(range(len(items)), key=lambda j: -len(items[j][1]))
         for start in range(0, len(order), self.batch_size):
             chunk = [items[j] for j in order[start:start + self.batch_size]]
             logp = self._score_batch([inp for _, inp, _ in chunk])
+            self._count("plain", len(chunk), logp.shape[0] * logp.shape[1],
+                        sum(len(inp) for _, inp, _ in chunk))
             for row, (i, inp, cont) in enumerate(chunk):
                 n = len(cont)
                 span = logp[row, len(inp) - n: len(inp)]  # predictions of the continuation
                 target = torch.tensor(cont)
-                total = span.gather(1, target.unsqueeze(1)).sum().item()
+                # summed in float64: a long continuation's float32 sum would carry
+                # round-off of the order of its last bit (6e-5 at -750 nats)
+                total = span.gather(1, target.unsqueeze(1)).double().sum().item()
                 greedy = bool((span.argmax(-1) == target).all())
                 results[i] = (total, greedy)
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], (total, greedy))
-        return results  # type: ignore[return-value]
+
+    def _count(self, path: str, requests: int, tokens: int, real: int) -> None:
+        self.scoring_counts[f"{path}_requests"] += requests
+        self.scoring_counts[f"{path}_forwards"] += 1
+        self.scoring_counts[f"{path}_tokens"] += tokens
+        self.scoring_counts[f"{path}_real_tokens"] += real
+
+    def _score_shared(self, items, results) -> None:
+        """Requests grouped by their (truncated) context C -- the input minus the
+        continuation's tokens, whose last token predicts the continuation's first -- and
+        each group packed into rows [C, X_1, ..., X_k], X_i = continuation i minus its last
+        token (no row longer than max(token_budget, max_length); a larger group is split over
+        several rows). Rows are sorted longest first and batched while rows x the first
+        row's width stays within `token_budget` and no row is more than an eighth shorter
+        than the first (padding costs as much as real tokens; a forward's fixed cost is
+        small next to it). A request alone in its row (WinoGrande, LAMBADA) is exactly its
+        plain-path row."""
+        groups: dict[tuple[int, ...], list[tuple[int, list[int], list[int]]]] = {}
+        for i, inp, cont in items:
+            c = len(inp) - len(cont) + 1
+            groups.setdefault(tuple(inp[:c]), []).append((i, inp[c:], cont))
+        cap = max(self.token_budget, self.max_length)
+        rows: list[tuple[tuple[int, ...], list[tuple[int, list[int], list[int]]], int]] = []
+        for prefix, branches in groups.items():
+            cur: list[tuple[int, list[int], list[int]]] = []
+            size = len(prefix)
+            for branch in branches:
+                if cur and size + len(branch[1]) > cap:
+                    rows.append((prefix, cur, size))
+                    cur, size = [], len(prefix)
+                cur.append(branch)
+                size += len(branch[1])
+            rows.append((prefix, cur, size))
+        rows.sort(key=lambda row: -row[2])
+        start = 0
+        while start < len(rows):
+            width = rows[start][2]
+            end = start + 1
+            while (end < len(rows) and (end - start + 1) * width <= self.token_budget
+                   and 8 * rows[end][2] >= 7 * width):
+                end += 1
+            self._score_packed(rows[start:end], results)
+            start = end
+
+    @torch.no_grad()
+    def _score_packed(self, rows, results) -> None:
+        """One forward over packed rows (right-padded, longest first): the logits only at
+        the positions that predict continuation tokens, then per request the sum of its
+        tokens' log-probabilities and whether each was the argmax."""
+        width = rows[0][2]
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        where: list[int] = []  # flat [B * width] positions whose logits are needed
+        targets: list[int] = []
+        spans: list[tuple[int, int]] = []  # (request, number of scored tokens)
+        tree = False
+        for b, (prefix, branches, _) in enumerate(rows):
+            c = len(prefix)
+            ids[b, :c] = torch.tensor(prefix)
+            positions[b, :c] = torch.arange(c)
+            segments[b, :c] = 0
+            at = c
+            tree = tree or len(branches) > 1
+            for s, (i, tokens, cont) in enumerate(branches, 1):
+                m = len(tokens)
+                ids[b, at:at + m] = torch.tensor(tokens, dtype=torch.long)
+                positions[b, at:at + m] = torch.arange(c, c + m)
+                segments[b, at:at + m] = s
+                # The first token is predicted at the context's last position, the others
+                # at the branch's own positions.
+                where.append(b * width + c - 1)
+                where.extend(range(b * width + at, b * width + at + m))
+                targets.extend(cont)
+                spans.append((i, m + 1))
+                at += m
+        dev = self.device_
+        lengths = torch.tensor([size for _, _, size in rows], device=dev)
+        # Rows that each hold one request need no mask: plain causal rows.
+        extra = ({"positions": positions.to(dev),
+                  "attn_mask": prefix_tree_mask(segments.to(dev))} if tree else {})
+        with self._routed():
+            out = self.model(ids.to(dev), lengths=lengths,
+                             logits_index=torch.tensor(where, device=dev), **extra)
+        logp = F.log_softmax(out.logits.float(), dim=-1)
+        target = torch.tensor(targets, device=dev)
+        token_lp = logp.gather(1, target.unsqueeze(1)).squeeze(1).double().cpu()
+        hit = (logp.argmax(-1) == target).cpu()
+        self._count("shared_prefix", len(spans), len(rows) * width,
+                    sum(size for _, _, size in rows))
+        self.scoring_counts["shared_prefix_grouped_requests"] += sum(
+            len(branches) for _, branches, _ in rows if len(branches) > 1)
+        offset = 0
+        for i, n in spans:
+            results[i] = (token_lp[offset:offset + n].sum().item(),
+                          bool(hit[offset:offset + n].all()))
+            offset += n
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood in disjoint windows of max_length (perplexity)."""
@@ -264,7 +425,7 @@ class MorBenchLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         cfg = self.model.cfg
         return {"family": cfg.family, "layers": cfg.layer_plan, "routing": self.routing,
-                "num_recursions": cfg.num_recursions}
+                "num_recursions": cfg.num_recursions, "scoring": self.scoring}
 
 
 # --- running task lists ----------------------------------------------------------------------
@@ -296,7 +457,8 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     else from lm-eval's own task index (which needs the Hub for its datasets).
 
     Returns {"tasks": {name: {"metrics": {metric: value}, "stderr": {metric: value},
-    "n": docs}}, "num_fewshot", "limit", "routing", "lm_eval_version"}; with `log_samples`
+    "n": docs}}, "num_fewshot", "limit", "routing", "scoring" (the adapter's log-likelihood
+    path, `MorBenchLM.scoring`; None for other models), "lm_eval_version"}; with `log_samples`
     also "items": {task: `sample_items`} (per-item correctness for paired tests; lm-eval's
     full samples, prompts included, are not returned)."""
     from importlib import metadata
@@ -339,6 +501,7 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
         out[name]["n"] = items(name)
     result = {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
               "routing": getattr(lm, "routing", None),
+              "scoring": getattr(lm, "scoring", None),
               "lm_eval_version": metadata.version("lm_eval")}
     if log_samples:
         result["items"] = {task: sample_items(samples)

@@ -150,6 +150,8 @@ class FewshotResult(TypedDict, total=False):
     tasks: dict[str, FewshotTask]   # under the configured routing
     by_routing: dict[str, dict[str, FewshotTask]]  # MoR: both routing modes
     routing: str | None
+    scoring: NotRequired[str | None]  # "shared_prefix" | "plain" (docs: README few-shot)
+    scoring_by_routing: NotRequired[dict[str, str | None]]
     num_fewshot: int
     limit: int | float | None
     lm_eval_version: str

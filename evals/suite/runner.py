@@ -460,7 +460,7 @@ def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
 
     tokenizer = tokenizer_from_spec(read_json(data_dir / "tokenizer.json"))
     primary = routing_label(cfg)
-    by_mode, items = {}, {}
+    by_mode, items, scoring = {}, {}, {}
     # Every mode the model can be evaluated under; one label for models without a router.
     for mode in eval_modes(cfg) or (primary,):
         with use_routing(model, mode if eval_modes(cfg) else None):
@@ -471,7 +471,9 @@ def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
                             log_samples=True)
         by_mode[mode] = res["tasks"]
         items[mode] = res["items"]
+        scoring[mode] = res.get("scoring")  # shared_prefix (causal) or plain (top-k)
     return {"tasks": by_mode[primary], "by_routing": by_mode, "routing": primary,
+            "scoring": scoring[primary], "scoring_by_routing": scoring,
             "num_fewshot": eval_info["num_fewshot"], "limit": eval_info["limit"],
             "lm_eval_version": res["lm_eval_version"]}, items
 

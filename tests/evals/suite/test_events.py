@@ -119,6 +119,10 @@ def test_events_typed_in_order_plain_log_and_fewshot_items(tmp_path, capsys, wri
         assert set(items) == modes
         assert rec["metrics"]["fewshot"]["routing"] == ("topk" if rec["family"] == "mor"
                                                         else "default")
+        # which scoring path each routing mode took: top-k is never packed
+        want = ({"topk": "plain", "causal": "shared_prefix"} if rec["family"] == "mor"
+                else {"default": "shared_prefix"})
+        assert rec["metrics"]["fewshot"]["scoring_by_routing"] == want
         for by_task in items.values():
             assert len(by_task["mor_synth_filler"]) == 4
             for item in by_task["mor_synth_filler"]:
