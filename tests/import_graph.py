@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "evals.suite.spec": 5,     # suite files and every settings type
     "evals.lmeval": 6,
     "evals.perf": 6,
+    "evals.hf": 6,             # Hugging Face export
     "evals.suite": 7,          # the runner and its phases
     "reports": 8,
     "evals.cli": 9,

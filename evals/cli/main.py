@@ -12,6 +12,7 @@
     mor-bench bench-train --preset small          training tokens/s and MFU (variants A/B)
     mor-bench bench-infer RUN_DIR                 generation tokens/s (MoR depth-wise batching)
     mor-bench sweep CHECKPOINT --knob threshold   MoR's efficiency knob: accuracy vs tokens/s
+    mor-bench export CHECKPOINT --hf OUT          a Hugging Face transformers directory
 
 One module per group of commands (`COMMANDS` below); only the chosen command's module is
 imported, and those modules import their heavy dependencies inside the command, so
@@ -74,6 +75,8 @@ COMMANDS: dict[str, Command] = {
                            "batching; MoR depth-wise)"),
     "sweep": Command("evals.cli.sweep", "cmd_sweep",
                      "sweep MoR's efficiency knob on one checkpoint: accuracy vs throughput"),
+    "export": Command("evals.cli.export", "cmd_export",
+                      "write a checkpoint as a Hugging Face transformers directory"),
     "data": Command("evals.cli.evaluate", "cmd_data",
                     "fetch and prepare data sets (see `mor-bench data -h`)"),
 }
