@@ -142,8 +142,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             rows.append({"task": task, "routing": routing, "metric": metric,
                          "value": "-" if value is None else f"{100 * value:.2f}",
                          "stderr": "-" if err is None else f"{100 * err:.2f}",
-                         "n": r.get("n") if r.get("n") is not None else "-"})
-    rich_table(f"{args.checkpoint} ({args.num_fewshot}-shot)", rows, list(rows[0]))
+                         "n": r.get("n") if r.get("n") is not None else "-",
+                         # wall time and request rate of each task named on the command line
+                         "wall s": f"{r['wall_s']:.1f}" if r.get("wall_s") else "",
+                         "requests/s": (f"{r['requests_per_s']:,.0f}"
+                                        if r.get("requests_per_s") else "")})
+    rich_table(f"{args.checkpoint} ({args.num_fewshot}-shot; scoring "
+               f"{next(iter(results.values())).get('scoring')})", rows, list(rows[0]))
     return 0
 
 

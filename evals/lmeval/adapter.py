@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -457,22 +458,39 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     else from lm-eval's own task index (which needs the Hub for its datasets).
 
     Returns {"tasks": {name: {"metrics": {metric: value}, "stderr": {metric: value},
-    "n": docs}}, "num_fewshot", "limit", "routing", "scoring" (the adapter's log-likelihood
-    path, `MorBenchLM.scoring`; None for other models), "lm_eval_version"}; with `log_samples`
-    also "items": {task: `sample_items`} (per-item correctness for paired tests; lm-eval's
-    full samples, prompts included, are not returned)."""
+    "n": docs, and for each task named in `tasks`: "wall_s", "requests" (log-likelihood
+    requests the adapter scored; None for other models), "requests_per_s"}}, "num_fewshot",
+    "limit", "routing", "scoring" (the adapter's log-likelihood path, `MorBenchLM.scoring`;
+    None for other models), "lm_eval_version"}; with `log_samples` also "items": {task:
+    `sample_items`} (per-item correctness for paired tests; lm-eval's full samples, prompts
+    included, are not returned)."""
     from importlib import metadata
 
     import lm_eval
 
     manager = task_manager(include_paths or [], tasks)
     # Tasks whose data is all local run with the Hub switched off (restored afterwards).
-    offline = offline_hf() if all_data_local(tasks, include_paths) else contextlib.nullcontext()
-    # lm-eval prints progress notes on stdout; keep stdout for results (`--json`).
-    with offline, contextlib.redirect_stdout(sys.stderr):
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
-                                      num_fewshot=num_fewshot, limit=limit,
-                                      log_samples=log_samples, bootstrap_iters=1000)
+    local = all_data_local(tasks, include_paths)
+    # One lm-eval call per named task (or group), so each gets its own wall time and
+    # request rate; contexts never span tasks, so shared-prefix packing loses nothing.
+    res: dict[str, Any] = {"results": {}, "n-samples": {}, "group_subtasks": {}, "samples": {}}
+    timing: dict[str, dict[str, Any]] = {}
+    counts = getattr(lm, "scoring_counts", None)
+    for task in tasks:
+        before = _requests(counts)
+        t0 = time.perf_counter()
+        # lm-eval prints progress notes on stdout; keep stdout for results (`--json`).
+        offline = offline_hf() if local else contextlib.nullcontext()
+        with offline, contextlib.redirect_stdout(sys.stderr):
+            one = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager,
+                                          num_fewshot=num_fewshot, limit=limit,
+                                          log_samples=log_samples, bootstrap_iters=1000)
+        wall = time.perf_counter() - t0
+        for key in res:
+            res[key].update(one.get(key) or {})
+        n_req = None if counts is None else _requests(counts) - before
+        timing[task] = {"wall_s": wall, "requests": n_req,
+                        "requests_per_s": n_req / wall if n_req and wall > 0 else None}
     out: dict[str, Any] = {}
     n_samples = res.get("n-samples", {})
     for name, metrics in res["results"].items():
@@ -499,6 +517,7 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
 
     for name in out:
         out[name]["n"] = items(name)
+        out[name].update(timing.get(name, {}))
     result = {"tasks": out, "num_fewshot": num_fewshot, "limit": limit,
               "routing": getattr(lm, "routing", None),
               "scoring": getattr(lm, "scoring", None),
@@ -507,6 +526,13 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
         result["items"] = {task: sample_items(samples)
                            for task, samples in (res.get("samples") or {}).items()}
     return result
+
+
+def _requests(counts: Counter[str] | None) -> int:
+    """Log-likelihood requests scored so far (both paths) from `MorBenchLM.scoring_counts`."""
+    if counts is None:
+        return 0
+    return counts["plain_requests"] + counts["shared_prefix_requests"]
 
 
 def _number(value: Any) -> float:

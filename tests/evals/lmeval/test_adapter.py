@@ -318,7 +318,17 @@ def test_suite_records_few_shot_accuracy_and_cli_eval(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["results"]) == {"topk", "causal"}
     for res in out["results"].values():
-        assert res["tasks"]["mor_synth_recall"]["n"] == 6
+        task = res["tasks"]["mor_synth_recall"]
+        assert task["n"] == 6
+        # per-task wall time and request rate; the requests are the items' answer choices
+        assert task["wall_s"] > 0 and task["requests"] >= 6
+        assert task["requests_per_s"] == pytest.approx(task["requests"] / task["wall_s"])
+    assert out["results"]["topk"]["scoring"] == "plain"
+    assert out["results"]["causal"]["scoring"] == "shared_prefix"
+    assert main(["eval", str(mor_dir), "--tasks", "mor_synth_recall", "--limit", "6",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = capsys.readouterr().out
+    assert "requests/s" in table and "wall s" in table and "scoring plain" in table
     assert run_dir
 
 
