@@ -616,13 +616,8 @@ class Engine:
             count = steps[entry.recursion] if entry.layer in self._shared_set else lens
             loads.append((cache.entry_of[(entry.layer, entry.recursion)], entry, count))
         most = torch.stack([c.max() for _, _, c in loads]).tolist() if loads else []
-        for (e, _, _), s in zip(loads, most):
-            if s > cache.capacity[e]:
-                layer, r = cache.keys[e]
-                raise CacheFullError(
-                    f"prefill stores {s} tokens in KV entry (layer {layer}, recursion {r}) "
-                    f"whose capacity is {cache.capacity[e]}; the prompt routes more tokens to "
-                    "this step than its capacity -- use kv_capacity='full' or a shorter prompt")
+        for (e, _, _), s in zip(loads, most):  # every entry checked before any is written
+            cache.check_fits(e, s)
         rows = torch.tensor(slots, device=dev)
         for e, entry, count in loads:
             m = min(entry.k.shape[2], cache.capacity[e])

@@ -110,15 +110,11 @@ class KVCache:
         else:
             self.lengths[:, slots] = 0
 
-    def load(self, entry: int, slot: int, k: Tensor, v: Tensor) -> None:
-        """Replace a slot's content of `entry` with k, v [n_kv_heads, S, head_dim] (prefill)."""
-        s = k.shape[1]
-        if s > self.capacity[entry]:
+    def check_fits(self, entry: int, tokens: int) -> None:
+        """Prefill: refuse to store `tokens` tokens per slot in `entry` beyond its capacity."""
+        if tokens > self.capacity[entry]:
             layer, r = self.keys[entry]
             raise CacheFullError(
-                f"prefill stores {s} tokens in KV entry (layer {layer}, recursion {r}) whose "
-                f"capacity is {self.capacity[entry]}; the prompt routes more tokens to this "
-                "step than its capacity -- use kv_capacity='full' or a shorter prompt")
-        self.k[entry][slot, :, :s] = k
-        self.v[entry][slot, :, :s] = v
-        self.lengths[entry, slot] = s
+                f"prefill stores {tokens} tokens in KV entry (layer {layer}, recursion {r}) "
+                f"whose capacity is {self.capacity[entry]}; the prompt routes more tokens to "
+                "this step than its capacity -- use kv_capacity='full' or a shorter prompt")

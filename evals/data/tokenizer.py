@@ -165,6 +165,11 @@ class BPETokenizer(Tokenizer):
         self.name = f"bpe-{self.vocab_size}-{digest[:12]}"
         self.loaded_from_cache = loaded_from_cache
 
+    @property
+    def core(self) -> Any:
+        """The underlying ``tokenizers.Tokenizer`` (e.g. to wrap for Hugging Face)."""
+        return self._tk
+
     @classmethod
     def train(cls, train_docs: Sequence[Document], vocab_size: int) -> BPETokenizer:
         """Train a byte-level BPE on the texts of ``train_docs``."""

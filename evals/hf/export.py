@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from evals.data.tokenizer import EOS_TOKEN
 from mor.checkpoint import CONFIG, WEIGHTS
 from mor.config import ModelConfig
 from mor.errors import ConfigError, DataError
@@ -40,7 +41,6 @@ GENERATION_FILE = "generation_config.json"
 # Everything an export may write: what `force` clears (nothing else in OUT is touched).
 EXPORT_FILES = (CONFIG, WEIGHTS, GENERATION_FILE, CONFIG_FILE, MODELING_FILE,
                 *TOKENIZER_FILES)
-EOS_TOKEN = "<|endoftext|>"
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, dict[str, Any]]:
@@ -159,14 +159,10 @@ def build_tokenizer(spec: dict[str, Any], vocab_size: int, max_len: int
     if kind == "bytes":
         core = _byte_tokenizer_core()
     elif kind == "bpe" and isinstance(spec.get("json"), str):
-        from tokenizers import Tokenizer
+        from evals.data.tokenizer import BPETokenizer
 
-        try:
-            core = Tokenizer.from_str(spec["json"])
-        except Exception as exc:  # the Rust side raises plain Exception subclasses
-            raise DataError(f"the checkpoint's BPE tokenizer JSON is invalid ({exc})") from exc
-        if core.token_to_id(EOS_TOKEN) is None:
-            raise DataError(f"the checkpoint's BPE tokenizer has no {EOS_TOKEN!r} token")
+        # mor-bench's own loader: validates the JSON and the EOS token (DataError, one line)
+        core = BPETokenizer.from_json(spec["json"]).core
     else:
         raise DataError(f"cannot export tokenizer kind {kind!r} to Hugging Face (supported: "
                         "'bytes', 'bpe', 'hf'); pass --no-tokenizer to export the model alone")
