@@ -42,8 +42,59 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+class TaskProgress:
+    """`mor-bench eval`'s view of `run_tasks` (its `on_progress(task, done, total)`): on a
+    terminal one rich progress bar per task -- requests scored, requests/s, elapsed -- and
+    off a terminal one stderr line per finished task. Use as a context manager."""
+
+    def __init__(self, label: str = "", live: bool | None = None):
+        self.label = label
+        self.live = sys.stderr.isatty() if live is None else live
+        self._bars: dict[str, Any] = {}
+        self._t0: dict[str, float] = {}
+        self._progress = None
+
+    def __enter__(self) -> TaskProgress:
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                console=_console(stderr=True))
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        key = f"{self.label}{task}"
+        now = time.perf_counter()
+        t0 = self._t0.setdefault(key, now)
+        rate = _rate(done / (now - t0) if now > t0 else None)
+        if self._progress is not None:
+            if key not in self._bars:
+                self._bars[key] = self._progress.add_task(key, total=total, rate=rate)
+            self._progress.update(self._bars[key], completed=done, total=total, rate=rate)
+        elif done >= total:
+            print(f"{key}: {total:,} requests in {now - t0:.1f}s ({rate})", file=sys.stderr,
+                  flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # a suite run
+
+
+def _rate(rate: float | None) -> str:
+    return "- req/s" if rate is None else f"{rate:,.0f} req/s"
 
 
 def _clock(seconds: float | None) -> str:
@@ -85,11 +136,15 @@ class SuiteProgress:
                 row["t_train"] = now
             if phase in ("done", "failed"):
                 row["t_end"] = now
-        for key in ("model", "step", "total", "loss", "val_nll", "tokens_per_s", "error",
-                    "wall_s"):
-            value = getattr(event, key)
-            if value is not None:
-                row[key] = value
+        if phase == "few-shot":  # requests of the current task, beside the training steps
+            row.update(task=event.task, rate=event.rate,
+                       requests=f"{event.step:,}/{event.total:,} req" if event.total else None)
+        else:
+            for key in ("model", "step", "total", "loss", "val_nll", "tokens_per_s", "error",
+                        "wall_s"):
+                value = getattr(event, key)
+                if value is not None:
+                    row[key] = value
         if self._live is not None:
             self._live.update(self.table(), refresh=phase in ("done", "failed"))
 
@@ -131,7 +186,11 @@ class SuiteProgress:
             end = row.get("t_end") or time.perf_counter()
             elapsed = end - row["t_start"] if row.get("t_start") else None
             loss = row.get("loss")
-            table.add_row(row["run_id"], f"[{styles.get(phase, 'bold')}]{phase}[/]", step,
+            if phase == "few-shot" and row.get("task"):  # requests of the current task
+                phase = f"few-shot {row['task']}, {_rate(row.get('rate'))}"
+                step = row.get("requests") or step
+            table.add_row(row["run_id"], f"[{styles.get(row.get('phase'), 'bold')}]{phase}[/]",
+                          step,
                           "-" if loss is None else f"{loss:.3f}", _clock(elapsed),
                           _clock(self.eta(row)))
         return table
@@ -187,6 +246,9 @@ class PlainLog:
         if e.phase == "training" and e.milestone:
             self._print(f"  {e.run_id}: step {e.step}/{e.total} loss {e.loss:.4f} "
                         f"lr {e.lr:.2e} ({e.train_s:.0f}s)", err=True)
+        elif e.phase == "few-shot" and e.milestone:
+            self._print(f"  {e.run_id}: few-shot {e.task}: {e.total:,} requests in "
+                        f"{e.train_s:.1f}s ({_rate(e.rate)})", err=True)
         elif e.phase == "failed":
             where = f"{self.run_dir}/{e.run_id}/error.txt" if self.run_dir else "error.txt"
             self._print(f"run {e.run_id} failed: {e.error} (see {where})", err=True)

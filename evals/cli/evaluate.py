@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from evals.cli.display import print_json, rich_table
+from evals.cli.errors import nonneg_int, positive_int
 
 _CACHE_HELP = "(default: $MOR_BENCH_CACHE or ~/.cache/mor-bench)"
 
@@ -17,11 +18,14 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("checkpoint", help="a run directory (holds model.safetensors)")
         p.add_argument("--tasks", required=True, help="comma-separated lm-eval task/group "
                        "names, e.g. mor_synthetic or mor_paper_local")
-        p.add_argument("--num-fewshot", type=int, default=0, help="shots per item (default 0)")
-        p.add_argument("--limit", type=int, help="only the first N items of each task")
+        p.add_argument("--num-fewshot", type=nonneg_int, default=0,
+                       help="shots per item (default 0)")
+        p.add_argument("--limit", type=positive_int, help="only the first N items of each "
+                       "task; of a benchmark that lm-eval scores as one group (MMLU's 57 "
+                       "subjects) N items in all, spread over its subtasks by size")
         p.add_argument("--routing", choices=["topk", "causal", "both"], help="expert-choice "
                        "MoR routing (default: the checkpoint's own)")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--batch-size", type=positive_int, default=32)
         p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                        help="score every log-likelihood request in its own row (default: "
                        "requests sharing a context share one packed row; causal models only, "
@@ -118,6 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
     paths = task_include_paths(tasks, cache_dir=cache, synthetic_dir=cache / "fewshot")
     use_offline_if_local(tasks, paths)
+    from evals.cli.display import TaskProgress
     from evals.lmeval.adapter import MorBenchLM, run_tasks
 
     modes = ["topk", "causal"] if args.routing == "both" else [args.routing]
@@ -126,8 +131,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lm = MorBenchLM(args.checkpoint, routing=mode, batch_size=args.batch_size,
                         device=None if args.device == "auto" else args.device,
                         shared_prefix=getattr(args, "shared_prefix", True))
-        res = run_tasks(lm, tasks, include_paths=paths, num_fewshot=args.num_fewshot,
-                        limit=args.limit)
+        # one progress bar per task (lm-eval's own tqdm bars are off inside run_tasks)
+        with TaskProgress(f"{mode}: " if len(modes) > 1 else "") as progress:
+            res = run_tasks(lm, tasks, include_paths=paths, num_fewshot=args.num_fewshot,
+                            limit=args.limit, on_progress=progress)
         results[lm.routing or "default"] = res
     if args.json:
         print_json({"checkpoint": args.checkpoint, "results": results})

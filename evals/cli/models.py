@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from evals.cli.display import print_json, rich_table
+from evals.cli.errors import positive_int
 
 
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     if command == "models":
-        p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the "
+        p.add_argument("--seq-len", type=positive_int, default=2048, help="sequence length for the "
                        "attention FLOPs (capped at each preset's max_seq_len; default 2048)")
         p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4],
                        help="N_r values to list for recursive and MoR models (default 2 3 4)")

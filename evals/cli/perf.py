@@ -9,24 +9,26 @@ import sys
 from typing import Any
 
 from evals.cli.display import print_json, rich_table
+from evals.cli.errors import nonneg_int, positive_int
 
 
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     if command == "peak-flops":
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        p.add_argument("--size", type=int, default=1024, help="matrix size (default 1024)")
+        p.add_argument("--size", type=positive_int, default=1024, help="matrix size (default 1024)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
     elif command == "bench-train":
         p.add_argument("--preset", default="small", help="model preset (default small)")
         p.add_argument("--family", default="vanilla", help="vanilla | recursive | mor")
-        p.add_argument("-n", "--num-recursions", type=int, default=1,
+        p.add_argument("-n", "--num-recursions", type=positive_int, default=1,
                        help="N_r (recursive/mor)")
         p.add_argument("--variant", action="append", default=[],
                        metavar="KEY=VALUE[,KEY=VALUE]", help="model-config overrides of one "
                        "variant; repeat to compare variants")
-        p.add_argument("--seq-len", type=int, default=256)
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")
+        p.add_argument("--seq-len", type=positive_int, default=256)
+        p.add_argument("--batch-size", type=positive_int, default=16)
+        p.add_argument("--steps", type=int, default=20,
+                       help="timed steps (after 3 warm-up)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--json", action="store_true", help="machine-readable output")
     elif command == "bench-infer":
@@ -92,13 +94,13 @@ def _bench_infer_arguments(p: argparse.ArgumentParser) -> None:
     d = InferSettings()
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="checkpoint directories, or suite run directories (all their runs)")
-    p.add_argument("--samples", type=int, default=d.samples,
+    p.add_argument("--samples", type=positive_int, default=d.samples,
                    help=f"sequences per model and round (default {d.samples}; paper 1000)")
     p.add_argument("--gen-mean", type=float, default=d.gen_mean,
                    help=f"mean generation length (default {d.gen_mean:g}; paper 256)")
     p.add_argument("--gen-std", type=float, default=d.gen_std,
                    help=f"std of the generation length (default {d.gen_std:g})")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=positive_int, default=None,
                    help="cache length per sequence (default: longest drawn length + 1)")
     p.add_argument("--batch-size", default=str(d.batch_size),
                    help="sequence slots: an integer, or 'max' = the largest batch whose "
@@ -106,11 +108,11 @@ def _bench_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=None,
                    help="memory per model for --batch-size max (default: what the vanilla "
                         "model needs at --reference-batch)")
-    p.add_argument("--reference-batch", type=int, default=d.reference_batch,
+    p.add_argument("--reference-batch", type=positive_int, default=d.reference_batch,
                    help="the vanilla batch that defines the default budget (default 32)")
-    p.add_argument("--repeats", type=int, default=d.repeats,
+    p.add_argument("--repeats", type=positive_int, default=d.repeats,
                    help="timed rounds per model, interleaved; medians (default 3)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=nonneg_int, default=d.seed)
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="sampling temperature, 0 = greedy (default 1)")
     p.add_argument("--kv-capacity", choices=("routed", "full"), default=d.kv_capacity,
@@ -125,7 +127,7 @@ def _bench_infer_arguments(p: argparse.ArgumentParser) -> None:
                    help="project each measurement and print its roofline card: auto (CPU: "
                         "calibrate this CPU first, ~12 s; H100/H200/A100: datasheet "
                         "figures), quick (~1 s CPU calibration), off (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device,
                    help="where to decode (default cpu)")
     p.add_argument("--profile", action="store_true",

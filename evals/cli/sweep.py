@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from evals.cli.display import print_json, rich_table
+from evals.cli.errors import nonneg_int, positive_int
 
 
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
@@ -38,19 +39,20 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=",".join(d.tasks),
                    help=f"lm-eval tasks scored at each point (default {','.join(d.tasks)}; "
                         "'none' to skip)")
-    p.add_argument("--limit", type=int, default=d.limit, help="items per task (default 100)")
-    p.add_argument("--num-fewshot", type=int, default=d.num_fewshot)
-    p.add_argument("--samples", type=int, default=d.samples,
+    p.add_argument("--limit", type=positive_int, default=d.limit,
+                   help="items per task (default 100)")
+    p.add_argument("--num-fewshot", type=nonneg_int, default=d.num_fewshot)
+    p.add_argument("--samples", type=positive_int, default=d.samples,
                    help=f"sequences decoded per point and round (default {d.samples})")
     p.add_argument("--gen-mean", type=float, default=d.gen_mean)
     p.add_argument("--gen-std", type=float, default=d.gen_std)
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"decode slots, the same for every point (default {d.batch_size})")
-    p.add_argument("--repeats", type=int, default=d.repeats,
+    p.add_argument("--repeats", type=positive_int, default=d.repeats,
                    help="interleaved timing rounds; medians (default 3)")
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--seed", type=nonneg_int, default=d.seed)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--cache-dir", help="where generated few-shot tasks live (default: "
                    "$MOR_BENCH_CACHE or ~/.cache/mor-bench)")
     p.add_argument("--out", help="output directory for sweep.json and the figure (default: "

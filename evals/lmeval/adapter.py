@@ -40,7 +40,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,10 @@ def _as_bool(value: Any, name: str) -> bool:
     raise ConfigError(f"lm-eval model arg {name}={value!r} must be true or false")
 
 
+MODEL_ARGS = ("checkpoint", "routing", "batch_size", "device", "max_length", "shared_prefix",
+              "token_budget", "max_batch_size")
+"""The arguments `--model mor-bench --model_args ...` accepts (others are refused)."""
+
 SCORING_PATHS = ("shared_prefix", "plain")
 """How `_loglikelihood_tokens` scores: packed rows with shared contexts, or one row each."""
 
@@ -89,13 +93,21 @@ class MorBenchLM(TemplateLM):
                  tokenizer=None, routing: str | None = None, batch_size: Any = 16,
                  device: str | None = None, max_length: Any = None,
                  shared_prefix: Any = True, token_budget: Any = None,
-                 **_ignored: Any) -> None:
+                 max_batch_size: Any = None, **unknown: Any) -> None:
         """`shared_prefix`: score requests that share a context in one packed row (causal
         models; see the module docstring); False: one row per request, as top-k MoR always
         does. `token_budget`: rows x padded width of one packed forward (default
-        256 x batch_size); `batch_size` is the number of rows of a plain forward."""
+        256 x batch_size); `batch_size` is the number of rows of a plain forward.
+        `max_batch_size` (lm-eval's --max_batch_size, a bound for batch_size=auto) is
+        accepted and unused: "auto" means 16 rows. Any other argument is refused (a typo such
+        as `routng=causal` must not run silently with the default routing)."""
         super().__init__()
         from evals.data.tokenizer import tokenizer_from_spec
+
+        if unknown:
+            raise ConfigError(
+                f"unknown mor-bench model argument(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(MODEL_ARGS)}")
 
         if (checkpoint is None) == (model is None):
             raise ConfigError("MorBenchLM needs exactly one of checkpoint=PATH or model=...")
@@ -139,6 +151,11 @@ class MorBenchLM(TemplateLM):
         keys "<path>_requests", "<path>_forwards", "<path>_tokens", "<path>_real_tokens"
         (without padding) and "shared_prefix_grouped_requests" (those that shared their row
         with another)."""
+        self.on_progress = None
+        """Optional `on_progress(done, total)`: called after every scored batch of a
+        `loglikelihood` / `loglikelihood_rolling` / `generate_until` call with the requests
+        done so far and that call's total (`run_tasks` sets it; the library never prints)."""
+        self._progress = [0, 0]  # done, total of the current call
 
     def _routed(self):
         """A context in which the model routes as this adapter evaluates (`routing`)."""
@@ -199,6 +216,8 @@ class MorBenchLM(TemplateLM):
                 raise ConfigError("lm-eval sent an empty context; the first continuation "
                                   "token has nothing to be predicted from")
             items.append((i, whole[:-1], target))
+        if not self._rolling:
+            self._progress = [0, len(items)]
         results: list[tuple[float, bool] | None] = [None] * len(items)
         if self.scoring == "shared_prefix":
             self._score_shared(items, results)
@@ -231,6 +250,15 @@ class MorBenchLM(TemplateLM):
         self.scoring_counts[f"{path}_forwards"] += 1
         self.scoring_counts[f"{path}_tokens"] += tokens
         self.scoring_counts[f"{path}_real_tokens"] += real
+        if not self._rolling:
+            self._advance(requests)
+
+    _rolling = False  # inside loglikelihood_rolling: progress counts documents, not windows
+
+    def _advance(self, requests: int) -> None:
+        self._progress[0] += requests
+        if self.on_progress is not None:
+            self.on_progress(*self._progress)
 
     def _score_shared(self, items, results) -> None:
         """Requests grouped by their (truncated) context C -- the input minus the
@@ -326,15 +354,22 @@ class MorBenchLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood in disjoint windows of max_length (perplexity)."""
         out = []
-        for req in requests:
-            (string,) = req.args
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.eot_token_id,
-                max_seq_len=self.max_length, context_len=1)]
-            scored = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
-            total = sum(s for s, _ in scored)
-            out.append(total)
-            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+        self._progress = [0, len(requests)]
+        self._rolling = True
+        try:
+            for req in requests:
+                (string,) = req.args
+                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.eot_token_id,
+                    max_seq_len=self.max_length, context_len=1)]
+                scored = self._loglikelihood_tokens([(None, ctx, cont)
+                                                     for ctx, cont in windows])
+                total = sum(s for s, _ in scored)
+                out.append(total)
+                self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+                self._advance(1)
+        finally:
+            self._rolling = False
         return out
 
     @torch.no_grad()
@@ -352,6 +387,7 @@ class MorBenchLM(TemplateLM):
     def _generate_rerun(self, requests) -> list[str]:
         """Greedy decoding that re-runs the whole (windowed) sequence at every step."""
         out = []
+        self._progress = [0, len(requests)]
         for req in requests:
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs or {})
@@ -377,6 +413,7 @@ class MorBenchLM(TemplateLM):
                     text = text[: text.index(s)]
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            self._advance(1)
         return out
 
     @torch.no_grad()
@@ -411,7 +448,9 @@ class MorBenchLM(TemplateLM):
         engine = Engine(self.model, max_batch=min(self.batch_size, len(jobs)),
                         max_len=window, kv_capacity="full")
         out = []
+        self._progress = [0, len(requests)]
         for req, done, until in zip(requests, engine.generate(jobs), untils):
+            self._advance(1)
             toks = done.tokens
             if self.eot_token_id in toks:
                 toks = toks[: toks.index(self.eot_token_id)]
@@ -452,10 +491,18 @@ def sample_items(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
-              num_fewshot: int | None = 0, limit: int | None = None,
-              log_samples: bool = False) -> dict[str, Any]:
+              num_fewshot: int | None = 0, limit: int | float | None = None,
+              log_samples: bool = False,
+              on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate `lm` on lm-eval tasks; local task YAMLs come from `include_paths`, anything
     else from lm-eval's own task index (which needs the Hub for its datasets).
+
+    `limit`: an integer N scores the first N items of each task -- and of a benchmark that
+    lm-eval runs as a group reporting one score (MMLU's 57 subjects), N items in all, spread
+    over its subtasks (`limit_samples`); a fraction < 1 is lm-eval's (that share of every
+    subtask). lm-eval's and datasets' own tqdm bars are off while it runs
+    (`quiet_lm_eval`): progress comes from `on_progress(task, done, total)`, called
+    with the requests scored so far by each of the model's calls (`MorBenchLM.on_progress`).
 
     Returns {"tasks": {name: {"metrics": {metric: value}, "stderr": {metric: value},
     "n": docs, and for each task named in `tasks`: "wall_s", "requests" (log-likelihood
@@ -479,12 +526,22 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
     for task in tasks:
         before = _requests(counts)
         t0 = time.perf_counter()
+        if hasattr(lm, "on_progress"):
+            lm.on_progress = (None if on_progress is None
+                              else lambda done, total, task=task: on_progress(task, done, total))
         # lm-eval prints progress notes on stdout; keep stdout for results (`--json`).
         offline = offline_hf() if local else contextlib.nullcontext()
-        with offline, contextlib.redirect_stdout(sys.stderr):
-            one = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager,
-                                          num_fewshot=num_fewshot, limit=limit,
-                                          log_samples=log_samples, bootstrap_iters=1000)
+        try:
+            with offline, contextlib.redirect_stdout(sys.stderr), quiet_lm_eval():
+                samples = (limit_samples(task, manager, limit)
+                           if isinstance(limit, int) and task in manager.all_groups else None)
+                one = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=manager, num_fewshot=num_fewshot,
+                    limit=None if samples else limit, samples=samples,
+                    log_samples=log_samples, bootstrap_iters=1000)
+        finally:
+            if hasattr(lm, "on_progress"):
+                lm.on_progress = None
         wall = time.perf_counter() - t0
         for key in res:
             res[key].update(one.get(key) or {})
@@ -526,6 +583,99 @@ def run_tasks(lm, tasks: list[str], *, include_paths: list | None = None,
         result["items"] = {task: sample_items(samples)
                            for task, samples in (res.get("samples") or {}).items()}
     return result
+
+
+@contextlib.contextmanager
+def quiet_lm_eval():
+    """lm-eval without its terminal noise while it runs, each change restored on exit:
+    - no tqdm bar from lm-eval or datasets ("Building contexts", "Generating test split",
+      ...): every tqdm is created disabled (both libraries subclass `tqdm.std.tqdm`); a
+      suite log or `mor-bench eval` shows one progress line/bar per task instead;
+    - no "Overwriting default num_fewshot of <task>" warning per subtask (57 lines for
+      MMLU): `run_tasks` always passes num_fewshot and records it;
+    - no "fatal: not a git repository" from lm-eval's `git describe` probe when run outside
+      a repository: the probe's stderr goes to /dev/null (its result is kept)."""
+    import logging
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+    from tqdm import std
+
+    original_init, original_git = std.tqdm.__init__, evaluator.get_git_commit_hash
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original_init(self, *args, **kwargs)
+
+    def quiet_git():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"],  # noqa: S607
+                                           stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+
+    def drop_note(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Overwriting default num_fewshot")
+
+    logger = logging.getLogger(evaluator.__name__)
+    std.tqdm.__init__, evaluator.get_git_commit_hash = quiet_init, quiet_git
+    logger.addFilter(drop_note)
+    try:
+        yield
+    finally:
+        std.tqdm.__init__, evaluator.get_git_commit_hash = original_init, original_git
+        logger.removeFilter(drop_note)
+
+
+def limit_samples(task: str, manager, limit: int) -> dict[str, list[int]] | None:
+    """lm-eval's `samples` (subtask -> item indices) that make an integer `limit` mean items
+    of a benchmark rather than items of each of its subtasks: a group that reports one
+    aggregate score (MMLU and its categories) gets `limit` items in all, the first ones of
+    each subtask in proportion to its size (largest remainder; at least one each, as lm-eval
+    reads an empty list as "all"); a group that only collects benchmarks (mor_paper_local)
+    passes `limit` to each member; a plain task gets its first `limit` items. None when no
+    aggregating group is involved (lm-eval's own `limit` then does the same)."""
+    loaded = manager.load([task])
+    leaves, groups, members = loaded["tasks"], loaded["groups"], loaded["group_map"]
+    out: dict[str, list[int]] = {}
+    spread = False
+
+    def sizes(name: str) -> dict[str, int]:
+        if name in leaves:
+            return {name: len(leaves[name].eval_docs)}
+        return {k: n for child in members[name] for k, n in sizes(child).items()}
+
+    def visit(name: str) -> None:
+        nonlocal spread
+        if name in leaves:
+            out[name] = list(range(min(limit, len(leaves[name].eval_docs))))
+        elif groups[name].has_aggregation:
+            spread = True
+            out.update({k: list(range(n)) for k, n in _spread(limit, sizes(name)).items()})
+        else:
+            for child in members[name]:
+                visit(child)
+
+    visit(task)
+    return out if spread else None
+
+
+def _spread(limit: int, sizes: dict[str, int]) -> dict[str, int]:
+    """`limit` items over subtasks of the given sizes: proportional shares (largest
+    remainder), at least 1 and at most the subtask's size each."""
+    total = sum(sizes.values())
+    if limit >= total:
+        return dict(sizes)
+    exact = {name: limit * n / total for name, n in sizes.items()}
+    share = {name: max(1, min(sizes[name], int(x))) for name, x in exact.items()}
+    left = limit - sum(share.values())
+    for name in sorted(exact, key=lambda k: exact[k] - int(exact[k]), reverse=True):
+        if left <= 0:
+            break
+        if share[name] < sizes[name]:
+            share[name] += 1
+            left -= 1
+    return share
 
 
 def _requests(counts: Counter[str] | None) -> int:

@@ -43,16 +43,24 @@ class RunEvent:
     model: str | None = None
     """The suite's model name ("queued" events)."""
     step: int | None = None
-    """Training steps done ("training" events; 0 at the start)."""
+    """Training steps done ("training" events; 0 at the start); requests scored so far
+    ("few-shot" events)."""
     total: int | None = None
-    """Planned training steps ("queued" and "training" events)."""
+    """Planned training steps ("queued" and "training" events); the requests of the
+    current few-shot call ("few-shot" events)."""
+    task: str | None = None
+    """"few-shot" events: the lm-eval task and routing mode being scored ("hellaswag_local
+    (causal)")."""
+    rate: float | None = None
+    """"few-shot" events: requests per second of the current task so far."""
     loss: float | None = None
     lr: float | None = None
     train_s: float | None = None
     """Seconds since training started ("training" events with a step)."""
     milestone: bool = False
-    """A training step worth a line in a plain log (every ~10% of the steps, and the last);
-    other step events are throttled updates for a live view."""
+    """A training step worth a line in a plain log (every ~10% of the steps, and the last;
+    for "few-shot" events, a finished task); other step events are throttled updates for a
+    live view."""
     val_nll: float | None = None
     """"done" events."""
     tokens_per_s: float | None = None

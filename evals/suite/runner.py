@@ -218,6 +218,23 @@ class EventSender:
                            train_s=now - self._t_train, milestone=milestone)
         return on_step
 
+    def fewshot_callback(self, mode: str):
+        """An `on_progress(task, done, total)` for `evals.lmeval.adapter.run_tasks`:
+        "few-shot" events with the requests scored and the rate, throttled like training
+        steps; the event that completes a task's requests is a milestone (a log line)."""
+        started: dict[str, float] = {}
+
+        def on_progress(task: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            t0 = started.setdefault(task, now)
+            milestone = done >= total
+            if milestone or now - self._last_sent >= self.min_interval_s:
+                self._last_sent = now
+                self._send("few-shot", step=done, total=total, task=f"{task} ({mode})",
+                           rate=done / (now - t0) if now > t0 else None,
+                           train_s=now - t0, milestone=milestone)
+        return on_progress
+
 
 TRAIN_RESULT = "train_result.json"
 """RUN_DIR/<run_id>/train_result.json: the finished training's figures, written with the
@@ -314,7 +331,7 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
     fewshot = None
     if eval_info and eval_info.get("tasks"):
         status.phase("few-shot")
-        fewshot, items = _fewshot(model, cfg, eval_info, data_dir, device)
+        fewshot, items = _fewshot(model, cfg, eval_info, data_dir, device, status)
         write_json_atomic(out_dir / FEWSHOT_ITEMS, items)
     tokenizer_spec = read_json(data_dir / "tokenizer.json")
     if cfg.family == "mor":
@@ -445,7 +462,8 @@ def _depth_sample(model, tokenizer_spec: dict[str, Any], val_windows, corpus: st
     write_depth_export(path, {**data, "source": source})
 
 
-def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
+def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device,
+             status: EventSender | None = None):
     """Few-shot accuracy through lm-evaluation-harness: per task the metrics, their stderr
     and the number of items; expert-choice MoR under both routing modes. Returns (the
     record's summary, per-item scores {routing mode: {task: [{doc_id, acc, acc_norm}]}})
@@ -468,7 +486,8 @@ def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device):
                             batch_size=eval_info["batch_size"], device=str(device))
             res = run_tasks(lm, tasks, include_paths=paths,
                             num_fewshot=eval_info["num_fewshot"], limit=eval_info["limit"],
-                            log_samples=True)
+                            log_samples=True, on_progress=None if status is None
+                            else status.fewshot_callback(mode))
         by_mode[mode] = res["tasks"]
         items[mode] = res["items"]
         scoring[mode] = res.get("scoring")  # shared_prefix (causal) or plain (top-k)

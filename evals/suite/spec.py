@@ -310,6 +310,9 @@ class ModelEntry:
     init: dict[str, Any] | None = None
     """Uptraining (docs/uptraining.md): {"source": "hf:..." | a checkpoint path |
     "model:NAME", "method": stepwise | average | lower (recursive/MoR), "fit_gate": bool}."""
+    seeds: tuple[int, ...] | None = None
+    """The entry's own `seeds` (None = the suite's): e.g. one pretrained source shared by
+    every seed of the models uptrained from it."""
 
 
 @dataclass(frozen=True)
@@ -535,14 +538,7 @@ def parse_suite(text: str, source: str) -> Suite:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{source}: 'description' must be a string, got {description!r}")
-    seeds = raw.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds
-            or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds)):
-        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers in "
-                          f"0..{MAX_SEED}, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{source}: 'seeds' lists a seed twice ({seeds}); each seed is one "
-                          "run, list it once")
+    seeds = _seeds(raw.get("seeds", [0]), "", source)
 
     data_raw = raw.get("data", {})
     _check_keys("[data]", data_raw, {f.name for f in dataclasses.fields(DataSettings)},
@@ -584,6 +580,9 @@ def parse_suite(text: str, source: str) -> Suite:
         where = f"model {mname!r}"
         budgets = (_budgets(entry.pop("budget"), f"{where} budget", source)
                    if "budget" in entry else suite_budgets)
+        own_seeds = entry.pop("seeds", None)
+        if own_seeds is not None:
+            own_seeds = tuple(_seeds(own_seeds, where, source))
         preset = entry.pop("preset", None)
         if preset is not None and (not isinstance(preset, str) or not preset):
             raise ConfigError(f"{source}: {where}: 'preset' must name a preset ("
@@ -625,7 +624,7 @@ def parse_suite(text: str, source: str) -> Suite:
             init = {"source": init_raw, "method": method, "sha256": pretrained.sha256 or None,
                     # the gate fitted to the pretrained layers unless router_alpha is set
                     "fit_gate": cfg.family == "mor" and "router_alpha" not in entry}
-        models.append(ModelEntry(mname, cfg, budgets, preset, init))
+        models.append(ModelEntry(mname, cfg, budgets, preset, init, own_seeds))
     eval_raw = raw.get("eval", {})
     _check_keys("[eval]", eval_raw, {f.name for f in dataclasses.fields(EvalSettings)}, source)
     tasks = eval_raw.get("tasks", [])
@@ -658,6 +657,32 @@ def parse_suite(text: str, source: str) -> Suite:
     return Suite(name=name, description=description, source=source,
                  text=text, seeds=tuple(seeds), data=data, train=train, models=tuple(models),
                  evaluation=evaluation, infer=infer, speed=speed, sweep=sweep)
+
+
+def _source_seed(src: ModelEntry, seed: int, suite: Suite, name: str) -> int:
+    """The seed of the pretrained run that model `name`'s seed-`seed` run starts from: the
+    same seed, or the source's only seed when it runs one (a shared pretrained model)."""
+    src_seeds = src.seeds or suite.seeds
+    if seed in src_seeds:
+        return seed
+    if len(src_seeds) == 1:
+        return src_seeds[0]
+    raise ConfigError(f"{suite.source}: model {name!r}: init \"model:{src.name}\" runs seeds "
+                      f"{list(src_seeds)}, which lack seed {seed}; give {src.name!r} one seed "
+                      "(shared by all) or every seed of the models that start from it")
+
+
+def _seeds(seeds: Any, where: str, source: str) -> list[int]:
+    """A `seeds` list (the suite's, or a model entry's own): distinct integers 0..MAX_SEED."""
+    at = f"{where}: " if where else ""
+    if (not isinstance(seeds, list) or not seeds
+            or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds)):
+        raise ConfigError(f"{source}: {at}'seeds' must be a non-empty list of integers in "
+                          f"0..{MAX_SEED}, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: {at}'seeds' lists a seed twice ({seeds}); each seed is "
+                          "one run, list it once")
+    return seeds
 
 
 def _init_source(init: Any, models: list[ModelEntry], data: DataSettings, where: str,
@@ -740,7 +765,7 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
         # The paper warms up over 5% of the smallest budget's steps, for every budget.
         warmup = max(1, round(t.warmup_frac * min(p.steps for p in plans)))
         for b, p in zip(m.budgets, plans):
-            for seed in suite.seeds:
+            for seed in m.seeds or suite.seeds:
                 run_id = f"{m.name}-{b.tag}-s{seed}"
                 init = None
                 if m.init is not None:
@@ -748,7 +773,8 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
                     if init["source"].startswith("model:"):
                         src = next(e for e in suite.models
                                    if e.name == init["source"][6:])
-                        init["source"] = f"run:{src.name}-{src.budgets[0].tag}-s{seed}"
+                        init["source"] = f"run:{src.name}-{src.budgets[0].tag}-s" \
+                                         f"{_source_seed(src, seed, suite, m.name)}"
                 runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
                                     min(warmup, p.steps), m.preset, init))
     ids = [r.run_id for r in runs]

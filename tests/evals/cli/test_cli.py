@@ -795,3 +795,21 @@ def test_e2e_report_columns(e2e):
     assert math.isnan(vanilla["sampling_acc"]) and math.isnan(vanilla["dead_token_ratio"])
     md = (e2e.run_dir / "report.md").read_text()
     assert "| expert | cache |" in md
+
+
+@pytest.mark.parametrize("flag,value,want", [
+    ("--limit", "0", "a positive integer, got 0"),
+    ("--limit", "-5", "a positive integer, got -5"),
+    ("--batch-size", "0", "a positive integer, got 0"),
+    ("--num-fewshot", "-1", "an integer >= 0, got -1"),
+    ("--limit", "ten", "a positive integer, got 'ten'"),
+])
+def test_eval_rejects_bad_numbers_before_loading_anything(capsys, tmp_path, flag, value, want):
+    """argparse refuses them (exit 2, one error line after the usage) before the
+    checkpoint -- here one that does not exist -- is even looked at."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(tmp_path / "nothing"), "--tasks", "piqa_local", f"{flag}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"mor-bench eval: error: argument {flag}: must be {want}"
+    assert "Traceback" not in err

@@ -88,6 +88,22 @@ def test_routing_argument_is_applied_and_reported(tmp_path):
         MorBenchLM(model=vanilla, tokenizer=ByteTokenizer(), routing="causal")
 
 
+def test_unknown_model_arguments_are_refused(tmp_path):
+    """A typo in --model_args (routng=causal) must not run silently with the default
+    routing; lm-eval's own extra (max_batch_size) is accepted."""
+    from lm_eval.api.registry import get_model
+
+    save_checkpoint(_model(), tmp_path / "ck", extra={"tokenizer": {"kind": "bytes"}})
+    cls = get_model("mor-bench")
+    with pytest.raises(ConfigError, match="unknown mor-bench model argument.*routng.*known: "
+                       "checkpoint, routing"):
+        cls.create_from_arg_string(f"checkpoint={tmp_path / 'ck'},routng=causal",
+                                   {"batch_size": 4, "max_batch_size": None, "device": "cpu"})
+    lm = cls.create_from_arg_string(f"checkpoint={tmp_path / 'ck'},routing=causal",
+                                    {"batch_size": 4, "max_batch_size": 64, "device": "cpu"})
+    assert lm.routing == "causal" and lm.batch_size == 4
+
+
 def test_routing_argument_leaves_the_callers_model_as_it_was():
     """routing="causal" on a top-k model: scored and generated under causal routing, and the
     model still routes with top-k afterwards (the adapter switches only around its own

@@ -462,3 +462,43 @@ def test_paper_group_runs_offline_with_our_adapter(prepared: Path, no_network):
         assert 0.0 <= got["metrics"][spec["metric"]] <= 1.0, spec
     assert res["tasks"]["hellaswag_local"]["n"] == 2
     assert res["routing"] == "topk"
+
+
+def test_limit_counts_items_of_a_benchmark_and_progress_replaces_tqdm(prepared: Path,
+                                                                      no_network, capfd):
+    """`--limit N` on MMLU (a group reporting one score) scores N items in all, not N per
+    subject; lm-eval's and datasets' tqdm bars stay off, and the adapter's progress
+    callback reports every request of each task."""
+    import torch
+
+    from evals.data.tokenizer import ByteTokenizer
+    from evals.lmeval.adapter import MorBenchLM, run_tasks
+    from mor import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("micro", max_seq_len=1024))
+    lm = MorBenchLM(model=model, tokenizer=ByteTokenizer(), batch_size=4)
+    # two subjects of 2 and 1 test items: lm-eval's own limit=2 would score 2 + 1
+    assert [len(ROWS[f"mmlu/{s}/test"]) for s in ("abstract_algebra", "anatomy")] == [2, 1]
+    calls: list[tuple[str, int, int]] = []
+    res = run_tasks(lm, ["mmlu_local", "piqa_local"], include_paths=[bm.tasks_dir(prepared)],
+                    limit=2, on_progress=lambda *a: calls.append(a))
+    assert res["tasks"]["mmlu_local"]["n"] == 2          # one item of each subject
+    assert res["tasks"]["piqa_local"]["n"] == 2
+    for task, choices in (("mmlu_local", 4), ("piqa_local", 2)):
+        mine = [(done, total) for t, done, total in calls if t == task]
+        assert mine[-1] == (2 * choices, 2 * choices)     # every request, in order
+        assert [d for d, _ in mine] == sorted(d for d, _ in mine)
+    assert lm.on_progress is None                         # detached afterwards
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "%|" not in err, err[-500:]
+
+
+def test_limit_samples_spreads_in_proportion():
+    from evals.lmeval.adapter import _spread
+
+    assert _spread(10, {"a": 100, "b": 300}) == {"a": 3, "b": 7}  # 2.5 / 7.5, remainder
+    assert _spread(2, {"a": 5, "b": 5, "c": 5}) == {"a": 1, "b": 1, "c": 1}  # >= 1 each
+    assert _spread(50, {"a": 3, "b": 4}) == {"a": 3, "b": 4}       # all when N >= total
+    got = _spread(200, {f"s{i}": 100 + 7 * i for i in range(57)})
+    assert sum(got.values()) == 200 and min(got.values()) >= 1

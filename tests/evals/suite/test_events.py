@@ -105,6 +105,13 @@ def test_events_typed_in_order_plain_log_and_fewshot_items(tmp_path, capsys, wri
         assert f"[{i}/{len(run_ids)}] {run_id}:" in out
         total = next(e.total for e in events if getattr(e, "run_id", None) == run_id)
         assert f"{run_id}: step {total}/{total}" in err
+        # one line per finished few-shot task and routing mode, with its request rate
+        modes = ("topk", "causal") if run_id.startswith("mor") else ("default",)
+        for mode in modes:
+            assert f"{run_id}: few-shot mor_synth_filler ({mode}): " in err
+        fewshot = [e for e in events if getattr(e, "run_id", None) == run_id
+                   and getattr(e, "phase", None) == "few-shot" and e.milestone]
+        assert len(fewshot) == len(modes) and all(e.step == e.total > 0 for e in fewshot)
     assert f"suite micro: {len(run_ids)}/{len(run_ids)} runs ok" in out
     assert "suite summary" in err and "ok" in err
     for run_id in run_ids:
