@@ -42,6 +42,26 @@ def test_init_resolves_to_the_same_seed_run_of_the_source():
     assert order.index("pre-1024T-s1") < order.index("rec-1024T-s1")
 
 
+def test_one_pretrained_seed_serves_every_seed_of_the_uptrained_models():
+    """A model's own `seeds` (here the source's: one pretrained model) override the suite's;
+    every seed of a model uptrained from it starts from that one run."""
+    suite = parse_suite(HEAD + PRE + "seeds = [0]\n" + REC, source="t.toml")
+    runs = {r.run_id: r for r in plan_runs(suite)}
+    assert sorted(runs) == ["pre-1024T-s0", "rec-1024T-s0", "rec-1024T-s1"]
+    assert {runs[f"rec-1024T-s{s}"].init["source"] for s in (0, 1)} == {"run:pre-1024T-s0"}
+    assert runs["rec-1024T-s1"].seed == 1
+
+
+@pytest.mark.parametrize("own,msg", [
+    ("[0, 2]", "runs seeds \\[0, 2\\], which lack seed 1; give 'pre' one seed"),
+    ("[]", "'seeds' must be a non-empty list"),
+    ("[1, 1]", "lists a seed twice"),
+])
+def test_model_seeds_are_checked_before_compute(own, msg):
+    with pytest.raises(ConfigError, match=f"model 'pre'.*{msg}|{msg}"):
+        plan_runs(parse_suite(HEAD + PRE + f"seeds = {own}\n" + REC, source="t.toml"))
+
+
 @pytest.mark.parametrize("entry,msg", [
     ('[[models]]\nname = "x"\nfamily = "mor"\nnum_recursions = 2\ninit = "model:later"\n',
      "no earlier model named 'later'"),
