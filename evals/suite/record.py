@@ -244,12 +244,21 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (0o644 under 0o022):
+    what every file mor-bench writes gets, temporary-file-and-rename writes included."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` via a temporary file in the same folder + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; the result is an ordinary file
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
             f.flush()

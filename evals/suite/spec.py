@@ -355,6 +355,8 @@ class RunSpec:
     preset: str | None = None
     init: dict[str, Any] | None = None
     """The entry's `init`, with "model:NAME" resolved to "run:RUN_ID" (same seed)."""
+    mem_estimate: int | None = None
+    """Estimated peak bytes of one training process (`evals.training.memory`)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -777,11 +779,36 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
                                          f"{_source_seed(src, seed, suite, m.name)}"
                 runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
                                     min(warmup, p.steps), m.preset, init))
+    runs = _check_memory(suite, runs, t.batch_size)
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # a guard: names, budgets and seeds are unique above
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ConfigError(f"{suite.source}: run ids collide ({', '.join(dup)}); rename models")
     return runs
+
+
+def _check_memory(suite: Suite, runs: list[RunSpec], batch_size: int) -> list[RunSpec]:
+    """Refuse, before any compute, a run whose estimated peak memory
+    (`evals.training.memory.train_memory`) exceeds what the machine (or GPU) has at all:
+    it would fill memory and be killed mid-run. Returns the runs with their estimate."""
+    from evals.training.memory import machine_memory, train_memory
+
+    have, what = machine_memory(suite.train.device)
+    out = []
+    for r in runs:
+        need = train_memory(r.config, suite.data.seq_len, batch_size)
+        out.append(dataclasses.replace(r, mem_estimate=need["total"]))
+        if have is not None and need["total"] > have:
+            preset = f"preset {r.preset!r}" if r.preset else "the model's shape"
+            raise ConfigError(
+                f"{suite.source}: model {r.model_name!r}: training needs ~"
+                f"{need['total'] / 2**30:,.1f} GiB (weights + optimizer "
+                f"{need['states'] / 2**30:,.1f}, activations "
+                f"{(need['activations'] + need['head']) / 2**30:,.1f} at batch_size "
+                f"{batch_size} x seq_len {suite.data.seq_len}) but this machine has "
+                f"{have / 2**30:,.1f} GiB of {what}; use a smaller {preset}, or a lower "
+                "[train] batch_size with grad_accum (or seq_len)")
+    return out
 
 
 def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:
@@ -803,6 +830,8 @@ def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:
             "batch_tokens": r.plan.tokens_per_step, "flops_used": r.plan.flops_used,
             "world_size": r.plan.world_size, "step_rule": r.plan.step_rule,
             "warmup_steps": r.warmup_steps, "seed": r.seed,
+            # estimated peak bytes of one training process (evals.training.memory)
+            "mem_estimate_bytes": r.mem_estimate,
             "init": (None if r.init is None else r.init["source"] + (
                 f" ({r.init['method']})" if r.init.get("method") else "")),
         })

@@ -138,7 +138,10 @@ def plan_training(cfg: ModelConfig, budget: Budget, seq_len: int, batch_size: in
     if steps < 1:
         need = tokens_per_step * per_token
         raise ConfigError(f"budget {budget.kind}={budget.value:.3g} is too small for one "
-                          f"step of {tokens_per_step} tokens; need at least {need:.3g}")
+                          f"step of {tokens_per_step:,} tokens (batch_size {batch_size} x "
+                          f"seq_len {seq_len} x grad_accum {grad_accum} x {world_size} "
+                          f"process(es)); need at least {need:.3g}: raise the budget or "
+                          "lower seq_len / batch_size")
     tokens = steps * tokens_per_step
     return TrainPlan(
         steps=steps, tokens_per_step=tokens_per_step, tokens=tokens, flops_per_token=fpt,
