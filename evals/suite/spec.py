@@ -291,6 +291,9 @@ class DataSettings(DataSpec):
 
     val_windows: int = 64
     """Held-out windows of seq_len tokens used for validation NLL (the paper: 500 x 2048)."""
+    require_corpus: bool = False
+    """A study of real text: the suite refuses the synthetic corpus, so `mor-bench run`
+    needs `--corpus PATH` (or a `corpus` other than "synthetic"); `check_corpus`."""
 
     def planned_vocab(self) -> int | None:
         """Vocabulary size knowable without loading data (None for HF tokenizers)."""
@@ -685,6 +688,16 @@ def _seeds(seeds: Any, where: str, source: str) -> list[int]:
         raise ConfigError(f"{source}: {at}'seeds' lists a seed twice ({seeds}); each seed is "
                           "one run, list it once")
     return seeds
+
+
+def check_corpus(suite: Suite, corpus: str | None) -> None:
+    """Before any compute: a suite with `[data] require_corpus = true` runs on real text
+    only -- `corpus` (the --corpus override) or the suite's own, not "synthetic"."""
+    if suite.data.require_corpus and (corpus or suite.data.corpus) == "synthetic":
+        raise ConfigError(f"{suite.source}: suite {suite.name!r} studies real text and "
+                          "refuses the synthetic corpus; pass --corpus PATH (a .txt, .jsonl "
+                          "or .jsonl.gz file, e.g. the prose corpus "
+                          "../shared/data/corpus/prose_en.jsonl.gz) or hf:DATASET")
 
 
 def _init_source(init: Any, models: list[ModelEntry], data: DataSettings, where: str,
