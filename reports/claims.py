@@ -153,7 +153,8 @@ def evaluate_claims(records: list[dict[str, Any]],
     """One row per claim and budget: {"claim", "a", "b", "budget", "metric", "kind",
     "effect", "ci_low", "ci_high", "p", "n" (seeds paired), "paper", "verdict"} --
     verdict "supported" / "contradicted" (the interval excludes no-effect and lies on the
-    paper's side / the other side), "inconclusive" (it includes no effect), or "not run"."""
+    paper's side / the other side), "inconclusive" (it includes no effect), "one seed: no
+    test", "effect > 0" etc. (no paper figure to side with), or "not run"."""
     cells = _cells(records)
     rows = []
     for c in claims:
@@ -190,6 +191,8 @@ def evaluate_claims(records: list[dict[str, Any]],
 def _verdict(eff: dict[str, float], kind: str, claim: Claim) -> str:
     null = 1.0 if kind == "ratio" else 0.0
     lo, hi = eff["ci_low"], eff["ci_high"]
+    if eff["n"] < 2:
+        return "one seed: no test"
     if math.isnan(lo) or lo <= null <= hi:
         return "inconclusive"
     if claim.paper is None:

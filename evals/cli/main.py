@@ -13,6 +13,7 @@
     mor-bench bench-infer RUN_DIR                 generation tokens/s (MoR depth-wise batching)
     mor-bench sweep CHECKPOINT --knob threshold   MoR's efficiency knob: accuracy vs tokens/s
     mor-bench export CHECKPOINT --hf OUT          a Hugging Face transformers directory
+    mor-bench publish RUN_DIR OUT                 a finished study: records, report, claims
 
 One module per group of commands (`COMMANDS` below); only the chosen command's module is
 imported, and those modules import their heavy dependencies inside the command, so
@@ -77,6 +78,9 @@ COMMANDS: dict[str, Command] = {
                      "sweep MoR's efficiency knob on one checkpoint: accuracy vs throughput"),
     "export": Command("evals.cli.export", "cmd_export",
                       "write a checkpoint as a Hugging Face transformers directory"),
+    "publish": Command("evals.cli.publish", "cmd_publish",
+                       "a finished suite run as a study in the repository: records, report, "
+                       "claims tested, discussion"),
     "data": Command("evals.cli.evaluate", "cmd_data",
                     "fetch and prepare data sets (see `mor-bench data -h`)"),
 }

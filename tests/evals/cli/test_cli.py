@@ -33,7 +33,7 @@ from mor.config import PRESETS
 from reports.table import render_report
 
 SUBCOMMANDS = ("models", "suites", "run", "report", "check", "route", "peak-flops",
-               "bench-train", "bench-infer")
+               "bench-train", "bench-infer", "publish")
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
