@@ -227,3 +227,76 @@ def claims_markdown(rows: list[dict[str, Any]]) -> str:
                      f"| {_num(r['effect'], r['kind'], r['metric'])} | {ci} | {p} | {r['n']} "
                      f"| {paper} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# uptraining (docs/uptraining.md): each uptrained model against the same model from scratch
+
+
+def _shape(rec: dict[str, Any]) -> tuple:
+    cfg = rec.get("config") or {}
+    return (rec.get("family"), cfg.get("num_recursions"), cfg.get("router"), cfg.get("kv"),
+            cfg.get("sharing"), budget_label(rec))
+
+
+def uptrain_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per uptrained model (a record with `init`): its val NLL over seeds (mean and
+    95% t interval) and, paired by seed with the model of the same family, N_r, router, KV
+    mode, sharing and budget trained from scratch, the difference (uptrained - scratch:
+    negative = uptraining helps), its interval and paired t test. The pretrained source's
+    own NLL (its record in the same suite, when there) is given for reference."""
+    cells = _cells(records)
+    by_run = {r.get("run_id"): r for r in ok_records(records)}
+    scratch: dict[tuple, tuple[str, str]] = {}
+    for key, seeds in cells.items():
+        rec = next(iter(seeds.values()))
+        if not rec.get("init"):
+            scratch.setdefault(_shape(rec), key)
+    rows = []
+    for key, seeds in cells.items():
+        first = next(iter(seeds.values()))
+        init = first.get("init")
+        if not init:
+            continue
+        nll = [(s, (r.get("metrics") or {}).get("val_nll")) for s, r in sorted(seeds.items())]
+        vals = [v for _, v in nll if v is not None]
+        mean = float(np.mean(vals)) if vals else math.nan
+        half = (t_quantile(0.5 + LEVEL / 2, len(vals) - 1) * float(np.std(vals, ddof=1))
+                / math.sqrt(len(vals))) if len(vals) > 1 else math.nan
+        source_run = (init.get("run") or "").removeprefix("run:")
+        src = by_run.get(source_run) or by_run.get(str(init.get("source", "")).split("/")[-1])
+        row = {"model": key[0], "budget": key[1], "method": init.get("method") or "continued",
+               "n": len(vals), "val_nll": mean, "ci_half": half,
+               "source_nll": ((src or {}).get("metrics") or {}).get("val_nll"),
+               "scratch": None, "effect": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+               "p": math.nan}
+        other = scratch.get(_shape(first))
+        if other is not None:
+            base = cells[other]
+            common = [s for s, v in nll if v is not None and s in base
+                      and (base[s].get("metrics") or {}).get("val_nll") is not None]
+            if common:
+                eff = paired_effect([seeds[s]["metrics"]["val_nll"] for s in common],
+                                    [base[s]["metrics"]["val_nll"] for s in common])
+                row.update(scratch=other[0], effect=eff["effect"], ci_low=eff["ci_low"],
+                           ci_high=eff["ci_high"], p=eff["p"])
+        rows.append(row)
+    return rows
+
+
+def uptrain_markdown(rows: list[dict[str, Any]]) -> str:
+    """The uptraining table in Markdown."""
+    def f(x: Any, fmt: str = "{:.4f}") -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+    lines = ["| model | init | budget | seeds | val NLL (95% CI) | from scratch | uptrained - "
+             "scratch (95% CI) | p (paired t) | pretrained source NLL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = ("-" if math.isnan(r["ci_low"]) else
+              f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]")
+        p = "-" if math.isnan(r["p"]) else ("<0.001" if r["p"] < 0.001 else f"{r['p']:.3f}")
+        lines.append(f"| {r['model']} | {r['method']} | {r['budget']} | {r['n']} | "
+                     f"{f(r['val_nll'])} ± {f(r['ci_half'])} | {r['scratch'] or '-'} | "
+                     f"{f(r['effect'], '{:+.4f}')} {ci} | {p} | {f(r['source_nll'])} |")
+    return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.suite.record import load_records
-from reports.claims import claims_markdown, evaluate_claims
+from reports.claims import claims_markdown, evaluate_claims, uptrain_markdown, uptrain_rows
 from reports.frame import ReportError
 
 COPIED_SUFFIXES = (".json", ".toml")
@@ -105,15 +105,23 @@ def study_readme(title: str, records: list[dict[str, Any]], *, commands: list[st
              "(UTC, across sessions when resumed)",
              f"- compute: {_hours(p['train_time_s'])} of training (optimizer steps), "
              f"{_hours(p['run_wall_s'])} of run processes (training and evaluation), "
-             f"{p['train_flops']:.3g} training FLOPs (exact count, forward + backward)", "",
-             "## The paper's claims, tested", "",
-             "Effects are A minus B (ratios A / B for time and memory), paired by seed: the "
-             "mean over seeds, its 95% t interval and a paired two-sided t test (on log ratios "
-             "for ratios). \"supported\": the interval excludes no effect and lies on the "
-             "paper's side; \"contradicted\": it lies on the other side; \"inconclusive\": it "
-             "includes no effect. The paper's effect is from its Table 3 (360M parameters, "
-             "16.5e18 FLOPs) and its fixed-token efficiency claim.", "",
-             claims_markdown(rows)]
+             f"{p['train_flops']:.3g} training FLOPs (exact count, forward + backward)", ""]
+    if any(r["verdict"] != "not run" for r in rows):
+        lines += [
+            "## The paper's claims, tested", "",
+            "Effects are A minus B (ratios A / B for time and memory), paired by seed: the "
+            "mean over seeds, its 95% t interval and a paired two-sided t test (on log ratios "
+            "for ratios). \"supported\": the interval excludes no effect and lies on the "
+            "paper's side; \"contradicted\": it lies on the other side; \"inconclusive\": it "
+            "includes no effect. The paper's effect is from its Table 3 (360M parameters, "
+            "16.5e18 FLOPs) and its fixed-token efficiency claim.", "",
+            claims_markdown(rows)]
+    if any(r.get("init") for r in records):
+        lines += ["## Uptraining against training from scratch", "",
+                  "Each uptrained model (`init`: the pretrained source, the init method) beside "
+                  "the same model trained from scratch at the same budget, paired by seed "
+                  "(uptrained - scratch: negative = uptraining helps; docs/uptraining.md).", "",
+                  uptrain_markdown(uptrain_rows(records))]
     if discussion:
         lines += ["## Discussion", "", discussion.strip(), ""]
     lines += ["## Files", "",

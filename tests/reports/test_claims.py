@@ -72,3 +72,29 @@ def test_within_model_claim_pairs_two_metrics_of_the_same_runs():
     (row,) = evaluate_claims(recs, (claim,))
     assert row["effect"] == pytest.approx(0.1) and row["p"] == 0.0
     assert row["verdict"] == "effect > 0"
+
+
+def test_uptrain_rows_pair_each_uptrained_model_with_its_scratch_twin():
+    from reports.claims import uptrain_markdown, uptrain_rows
+
+    def rec(model, seed, nll, init=None, n_r=2, budget=1.5e12, family="recursive"):
+        r = _rec(model, seed, nll, budget=budget)
+        r.update(family=family, init=init, run_id=f"{model}-s{seed}",
+                 config={"num_recursions": n_r, "sharing": "middle_cycle"})
+        return r
+
+    init = {"method": "average", "run": "run:pre-s0", "source": "x/pre-s0"}
+    recs = [rec("pre", 0, 5.6, family="vanilla", n_r=1, budget=1.2e13)]
+    for s, d in enumerate((0.0, 0.01, -0.01)):
+        recs += [rec("rec-2-average", s, 5.75 + d, init=init),
+                 rec("rec-2-scratch", s, 6.75 + d + 0.002 * s),
+                 rec("rec-3-average", s, 5.80 + d, init=init, n_r=3)]  # no scratch twin
+    rows = {r["model"]: r for r in uptrain_rows(recs)}
+    assert set(rows) == {"rec-2-average", "rec-3-average"}
+    avg = rows["rec-2-average"]
+    assert avg["scratch"] == "rec-2-scratch" and avg["n"] == 3
+    assert avg["effect"] == pytest.approx(-1.002) and avg["ci_high"] < 0
+    assert avg["source_nll"] == 5.6 and avg["val_nll"] == pytest.approx(5.75)
+    assert rows["rec-3-average"]["scratch"] is None
+    md = uptrain_markdown(list(rows.values()))
+    assert "| rec-2-average | average | 1.5e+12 flops | 3 | 5.7500 ±" in md
