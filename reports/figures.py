@@ -37,7 +37,7 @@ from evals.suite.record import (
     write_json_atomic,
 )
 from reports.frame import FAMILY_ORDER, budget_label, fewshot_scores, get, metric, num
-from reports.table import comparison_table
+from reports.table import comparison_table, train_time_ratio
 
 log = logging.getLogger(__name__)
 
@@ -190,20 +190,20 @@ def _legend(ax, **kw: Any) -> None:
 
 
 def _build_isoflop(ctx: _Ctx) -> Built:
+    """NLL against training FLOPs: a log-scale curve per model over several budgets; with
+    ONE budget there is no curve to draw, so a categorical axis with a point per model."""
     _skip_if_none(ctx.ok)
-    fig = ctx.figure("Validation NLL vs training FLOPs (isoFLOP view)",
-                     ctx.mor_routing(), figsize=(7, 4.6))
-    ax = fig.add_subplot()
-    data, missing, any_seeds = {}, [], False
+    series, missing, any_seeds, budgets = {}, [], False, set()
     for model in ctx.models:
         xs, ys, es, ns = [], [], [], []
-        for m, _budget, rs in ctx.groups():
+        for m, budget, rs in ctx.groups():
             if m != model:
                 continue
             pts = [(metric(r, "flops_used"), metric(r, "val_nll")) for r in rs]
             pts = [(x, y) for x, y in pts if x is not None and y is not None]
             if not pts:
                 continue
+            budgets.add(budget)
             xs.append(_mean_sd([x for x, _ in pts])[0])
             y, sd = _mean_sd([y for _, y in pts])
             ys.append(y)
@@ -213,37 +213,57 @@ def _build_isoflop(ctx: _Ctx) -> Built:
             missing.append(model)
             continue
         order = np.argsort(xs)
-        xs, ys, es, ns = ([v[i] for i in order] for v in (xs, ys, es, ns))
+        series[model] = [[v[i] for i in order] for v in (xs, ys, es, ns)]
+    if not series:
+        raise FigureSkipped("no run records both metrics.flops_used and metrics.val_nll")
+    single = len(budgets) == 1
+    fig = ctx.figure("Validation NLL per model (one training budget)" if single else
+                     "Validation NLL vs training FLOPs (isoFLOP view)",
+                     ctx.mor_routing(), figsize=(7, 4.6))
+    ax = fig.add_subplot()
+    data = {}
+    for pos, (model, (xs, ys, es, ns)) in enumerate(series.items()):
         st = ctx.styles[model]
         several = max(ns) > 1
         any_seeds |= several
         label = model + (f" (n={'/'.join(map(str, ns))} seeds)" if several else "")
         yerr = [math.nan if e is None else e for e in es] if several else None
-        ax.errorbar(xs, ys, yerr=yerr, color=st.color, marker=st.marker,
-                    linestyle=st.linestyle, capsize=3, markersize=6, label=label)
+        ax.errorbar([pos] * len(xs) if single else xs, ys, yerr=yerr, color=st.color,
+                    marker=st.marker, linestyle="none" if single else st.linestyle,
+                    capsize=3, markersize=6, label=label)
         data[model] = {"x": xs, "y": ys, "yerr": es if several else None, "n": ns}
-    if not data:
-        raise FigureSkipped("no run records both metrics.flops_used and metrics.val_nll")
-    ax.set_xscale("log")
-    all_x: list[float] = []
-    for x in sorted(x for d in data.values() for x in d["x"]):
-        if not all_x or x > all_x[-1] * 1.03:  # one tick per budget, not per run
-            all_x.append(x)
-    if all_x[-1] / all_x[0] < 10:  # under a decade: label the budgets, not log minor ticks
-        ax.set_xticks(all_x, [f"{x:.3g}" for x in all_x])
-        ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
-        lo, hi = math.log10(all_x[0]), math.log10(all_x[-1])
-        pad = max(0.05, 0.08 * (hi - lo))
-        ax.set_xlim(10 ** (lo - pad), 10 ** (hi + pad))
-    ax.set_xlabel("training FLOPs (forward, paper convention; log scale)")
+    if single:
+        names = list(series)
+        ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0,
+                      ha="right" if len(names) > 4 else "center")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        flops = [x for d in data.values() for x in d["x"]]
+        ax.set_xlabel(f"model (one budget, {next(iter(budgets))}; training FLOPs used "
+                      f"{min(flops):.3g}-{max(flops):.3g})")
+    else:
+        ax.set_xscale("log")
+        all_x: list[float] = []
+        for x in sorted(x for d in data.values() for x in d["x"]):
+            if not all_x or x > all_x[-1] * 1.03:  # one tick per budget, not per run
+                all_x.append(x)
+        if all_x[-1] / all_x[0] < 10:  # under a decade: label the budgets, not minor ticks
+            ax.set_xticks(all_x, [f"{x:.3g}" for x in all_x])
+            ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+            lo, hi = math.log10(all_x[0]), math.log10(all_x[-1])
+            pad = max(0.05, 0.08 * (hi - lo))
+            ax.set_xlim(10 ** (lo - pad), 10 ** (hi + pad))
+        ax.set_xlabel("training FLOPs (forward, paper convention; log scale)")
     ax.set_ylabel("validation NLL (lower is better)")
     _legend(ax, loc="best")
     notes = ["Mean over seeds; error bars +/- 1 s.d. where a model has several seeds"
              if any_seeds else "One seed per point"] + _missing_note("val_nll/flops_used",
                                                                      missing)
-    caption = ctx.caption("Validation NLL against the training FLOPs actually used, one "
-                          "series per model", ctx.mor_routing(), notes)
-    return Built(fig, caption, "Validation NLL vs training FLOPs", data)
+    what = ("Validation NLL of each model trained under the one budget of this run (no "
+            "FLOPs axis: one budget gives no curve)" if single else
+            "Validation NLL against the training FLOPs actually used, one series per model")
+    caption = ctx.caption(what, ctx.mor_routing(), notes)
+    return Built(fig, caption, "Validation NLL per model" if single else
+                 "Validation NLL vs training FLOPs", data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +334,29 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _fewshot_avg_as_inferred(rec: dict[str, Any]) -> tuple[float | None, str | None, bool]:
+    """(few-shot average, its routing mode, whether that mode differs from the inference
+    benchmark's) of a record, taken under the routing its throughput was measured with.
+
+    Expert-choice MoR is evaluated few-shot under top-k (the paper's protocol) but generates
+    under causal routing, so its accuracy under that routing is
+    `metrics.fewshot.by_routing.<infer routing>` when recorded; without it the default
+    (top-k) score is returned and flagged as a mismatch."""
+    score = fewshot_scores(rec).get("fewshot_avg")
+    if rec.get("family") != "mor" or rec.get("router") == "token":
+        return score, ("token" if rec.get("router") == "token" else None), False
+    fs_mode = get(rec, "metrics", "fewshot", "routing")
+    inf_mode = get(rec, "metrics", "infer", "routing")
+    if not inf_mode or fs_mode == inf_mode:
+        return score, fs_mode, False
+    tasks = get(rec, "metrics", "fewshot", "by_routing", inf_mode)
+    if isinstance(tasks, dict):
+        same = fewshot_scores({"metrics": {"fewshot": {"tasks": tasks}}}).get("fewshot_avg")
+        if same is not None:
+            return same, inf_mode, False
+    return score, fs_mode, score is not None
+
+
 def _build_fewshot_throughput(ctx: _Ctx) -> Built:
     _skip_if_none(ctx.ok)
     if not any(metric(r, "infer", "tokens_per_s") is not None for r in ctx.ok):
@@ -323,10 +366,10 @@ def _build_fewshot_throughput(ctx: _Ctx) -> Built:
         raise FigureSkipped("no run records few-shot results (metrics.fewshot); the suite "
                             "has no [eval] tasks")
     pts, labels, styles, models, data, missing = [], [], [], [], {}, []
-    modes_fs, modes_inf = set(), set()
+    modes_fs, modes_inf, mismatched = set(), set(), []
     for model, budget, rs in ctx.groups():
-        pairs = [(metric(r, "infer", "tokens_per_s"), fewshot_scores(r).get("fewshot_avg"))
-                 for r in rs]
+        scored = {r["run_id"]: _fewshot_avg_as_inferred(r) for r in rs}
+        pairs = [(metric(r, "infer", "tokens_per_s"), scored[r["run_id"]][0]) for r in rs]
         keep = [(x, y) for x, y in pairs if x is not None and y is not None]
         if not keep:
             missing.append(ctx.label(model, budget))
@@ -334,10 +377,12 @@ def _build_fewshot_throughput(ctx: _Ctx) -> Built:
         for r in rs:
             if r.get("family") == "mor":
                 tok = r.get("router") == "token"
-                modes_fs.add(_mode_label("token" if tok else
-                                         get(r, "metrics", "fewshot", "routing")))
+                modes_fs.add(_mode_label("token" if tok else scored[r["run_id"]][1]))
                 modes_inf.add(_mode_label("token" if tok else
                                           get(r, "metrics", "infer", "routing")))
+        if any(scored[r["run_id"]][2] for r in rs
+               if metric(r, "infer", "tokens_per_s") is not None):
+            mismatched.append(ctx.label(model, budget))
         x, y = _mean_sd([x for x, _ in keep])[0], 100 * _mean_sd([y for _, y in keep])[0]
         pts.append((x, y))
         labels.append(ctx.label(model, budget))
@@ -369,11 +414,17 @@ def _build_fewshot_throughput(ctx: _Ctx) -> Built:
     ax.set_ylabel("few-shot average accuracy (%)")
     _legend(ax, loc="best")
     data["pareto"] = [labels[i] for i in front]
-    caption = ctx.caption("Few-shot average accuracy (the report's fewshot_avg) against "
-                          "inference tokens/s, mean over seeds; ringed points form the "
-                          "Pareto frontier (no model is both faster and more accurate)",
-                          routing, _missing_note("infer tokens/s or few-shot results",
-                                                 missing))
+    notes = _missing_note("infer tokens/s or few-shot results", missing)
+    if mismatched:
+        notes.append("Accuracy and throughput under DIFFERENT routing (no few-shot results "
+                     "under the inference routing, metrics.fewshot.by_routing): "
+                     + ", ".join(mismatched))
+    caption = ctx.caption("Few-shot average accuracy against inference tokens/s, mean over "
+                          "seeds, each point's accuracy under the routing its throughput was "
+                          "measured with (expert-choice MoR: causal, from "
+                          "metrics.fewshot.by_routing); ringed points form the Pareto "
+                          "frontier (no model is both faster and more accurate)",
+                          routing, notes)
     return Built(fig, caption, "Few-shot accuracy vs inference throughput", data)
 
 
@@ -386,10 +437,18 @@ def _build_relative_cost(ctx: _Ctx) -> Built:
     if not any(r.get("family") == "vanilla" for r in ctx.ok):
         raise FigureSkipped("no vanilla run to compare with")
     table = comparison_table(ctx.ok)
+    # Training time from the interleaved [speed] measurement where the records have it,
+    # else the sequential per-run times -- said so in the title and the legend.
+    ratio, sequential = train_time_ratio(table)
+    table = table.assign(rel_train_time=ratio)
     rows = table[table["family"] != "vanilla"]
     if rows.empty:
         raise FigureSkipped("no recursive or MoR run besides the vanilla ones")
-    metrics = [("rel_train_time", "training time", OKABE_ITO[1], "//"),
+    seq = bool(sequential[rows.index].any())
+    mixed = seq and not bool(sequential[rows.index][rows["rel_train_time"].notna()].all())
+    time_kind = ("sequential and interleaved" if mixed else "sequential" if seq
+                 else "interleaved")
+    metrics = [("rel_train_time", f"training time ({time_kind})", OKABE_ITO[1], "//"),
                ("rel_peak_mem", "peak memory", OKABE_ITO[5], "..")]
     routing = "training uses top-k (expert-choice) / the router's depth (token-choice)"
     labels, values, missing = [], {m: [] for m, *_ in metrics}, []
@@ -405,8 +464,9 @@ def _build_relative_cost(ctx: _Ctx) -> Built:
     if not labels:
         raise FigureSkipped("no run has training time or peak memory next to a vanilla run "
                             "of the same budget")
-    fig = ctx.figure("Training time and peak memory relative to vanilla (same budget)",
-                     routing, figsize=(max(6.0, 1.1 * len(labels) + 2.5), 4.4))
+    title = f"Training time ({time_kind}) and peak memory relative to vanilla"
+    fig = ctx.figure(title + " (same budget)", routing,
+                     figsize=(max(6.0, 1.1 * len(labels) + 2.5), 4.4))
     ax = fig.add_subplot()
     width = 0.38
     data: dict[str, Any] = {}
@@ -429,11 +489,19 @@ def _build_relative_cost(ctx: _Ctx) -> Built:
     kinds = sorted({str(get(r, "metrics", "peak_mem_kind")) for r in ctx.ok
                     if get(r, "metrics", "peak_mem_kind")})
     notes = ["Mean over seeds; 'n/a' marks a metric a run did not record (no bar)",
-             f"Peak memory is {', '.join(kinds) or 'of unknown kind'}"]
-    caption = ctx.caption("Training wall time and peak memory of each model as a ratio to "
+             f"Peak memory is {', '.join(kinds) or 'of unknown kind'}",
+             "Training time: " + {
+                 "interleaved": "tokens trained / training tokens/s measured interleaved "
+                                "(metrics.speed: alternating rounds in one process)",
+                 "sequential": "SEQUENTIAL, each run's own wall time while it trained "
+                               "(minutes apart; no interleaved measurement in the records): "
+                               "information, not a controlled comparison",
+             }.get(time_kind, "interleaved where measured (metrics.speed), else SEQUENTIAL "
+                              "per-run wall time")]
+    caption = ctx.caption("Training time and peak memory of each model as a ratio to "
                           "the vanilla model trained under the same budget", routing,
                           notes + _missing_note("training time or peak memory", missing))
-    return Built(fig, caption, "Training time and peak memory relative to vanilla", data)
+    return Built(fig, caption, title, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -914,12 +982,21 @@ def plot_depth_map(records: list[dict[str, Any]], out_dir: str | Path,
     return plot_figure("depth_map", records, out_dir, run_dir)
 
 
+def _relative(path: str | Path, run_dir: Path) -> str:
+    """`path` relative to the run directory, POSIX separators ("../" when outside it)."""
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), run_dir.resolve())).as_posix()
+
+
 def render_figures(run_dir: str | Path, records: list[dict[str, Any]] | None = None,
                    out_dir: str | Path | None = None) -> dict[str, Any]:
     """Render every figure into RUN_DIR/figures/ (or out_dir) and write manifest.json.
 
     Returns the manifest: {"schema", "dir", "suite", "hardware",
-    "figures": {name: {"png", "svg", "caption", "title"}}, "skipped": {name: reason}}."""
+    "figures": {name: {"png", "svg", "caption", "title"}}, "skipped": {name: reason}}.
+    "dir", "png" and "svg" are POSIX paths relative to the run directory (e.g.
+    "figures/isoflop.png"), so a run directory can be moved or published as it is."""
     run_dir = Path(run_dir)
     records = load_records(run_dir) if records is None else records
     out = Path(out_dir) if out_dir is not None else run_dir / "figures"
@@ -935,8 +1012,10 @@ def render_figures(run_dir: str | Path, records: list[dict[str, Any]] | None = N
             log.info("figure %s skipped: %s", name, e)
             skipped[name] = str(e)
             continue
-        figures[name] = save_figure(built, out, name)
-    manifest = {"schema": MANIFEST_SCHEMA, "dir": str(out), "suite": ctx.suite,
+        saved = save_figure(built, out, name)
+        figures[name] = {**saved, "png": _relative(saved["png"], run_dir),
+                         "svg": _relative(saved["svg"], run_dir)}
+    manifest = {"schema": MANIFEST_SCHEMA, "dir": _relative(out, run_dir), "suite": ctx.suite,
                 "hardware": ctx.hardware, "figures": figures, "skipped": skipped}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest

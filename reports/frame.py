@@ -116,6 +116,26 @@ def relative_to_vanilla(table: pd.DataFrame, spec: dict[str, tuple[str, str]]) -
                                            else group[src] / ref[src])
 
 
+def is_contended(rec: dict[str, Any]) -> bool:
+    """Whether the run's timings were taken on a contended machine (the record's top-level
+    "load": {"cpu_s", "wall_s", "threads", "cpu_util", "loadavg_start", "loadavg_end",
+    "contended", "reason"}); False for older records without it."""
+    return get(rec, "load", "contended") is True
+
+
+def contended_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{"run_id", "model", "budget", "reason"}] of the successful runs flagged contended,
+    in record order."""
+    return [{"run_id": r.get("run_id"), "model": model_name(r), "budget": budget_label(r),
+             "reason": get(r, "load", "reason") or "no reason recorded"}
+            for r in ok_records(records) if is_contended(r)]
+
+
+def has_load(records: list[dict[str, Any]]) -> bool:
+    """Whether any record carries the load measurement (newer records)."""
+    return any(isinstance(r.get("load"), dict) for r in records)
+
+
 # --------------------------------------------------------------------------------------------
 # few-shot results
 
@@ -245,6 +265,16 @@ def _speed(rec: dict[str, Any]) -> dict[str, float]:
             "speed_rel_tokens_per_s": nan(metric(rec, "speed", "rel_tokens_per_s"))}
 
 
+def _kv(rec: dict[str, Any]) -> dict[str, float]:
+    """KV-cache bytes of one sequence: the analytic figure (rec["kv_cache"]), else the
+    inference phase's whole-batch bytes over its batch size; {} when neither is there."""
+    per_seq = num(get(rec, "kv_cache", "bytes_per_seq"))
+    if per_seq is None:
+        kv, batch = metric(rec, "infer", "kv_cache_bytes"), metric(rec, "infer", "batch_size")
+        per_seq = kv / batch if kv is not None and batch else None
+    return {} if per_seq is None else {"kv_bytes_per_seq": per_seq}
+
+
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per successful record, flat columns (missing values NaN)."""
     rows = []
@@ -280,5 +310,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "mfu": nan(metric(r, "mfu")),
             **_speed(r),
             **_infer(r),
+            **_kv(r),
+            "contended": is_contended(r),
         })
     return pd.DataFrame(rows)

@@ -21,7 +21,9 @@ What is compared, per model (seeds averaged, as in the report table):
   at least `min_tol`).
 
 A model or metric in the baseline but absent from the run fails (a run that crashed, a
-measurement that disappeared); one only in the run is reported as new and passes.
+measurement that disappeared); one only in the run is reported as new and passes. A model
+whose run was interrupted (record status "interrupted": stopped after a checkpoint) is
+shown as "interrupted", not "failed", with how to resume it; it still fails the gate.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.suite.record import hardware_summary, load_records, write_json_atomic
-from reports.frame import ReportError, fewshot_seed_mean, group_runs, num
+from reports.frame import ReportError, contended_runs, fewshot_seed_mean, group_runs, num
 from reports.frame import metric as metric_of
 
 SCHEMA = "mor-bench/baseline/v1"
@@ -79,6 +81,26 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _group_status(recs: list[dict[str, Any]]) -> str:
+    """"ok" when every seed finished; "failed" when one failed; else "interrupted" (a run
+    stopped after a checkpoint, which `mor-bench run SUITE --resume RUN_DIR` continues)."""
+    statuses = {r.get("status") for r in recs}
+    if statuses == {"ok"}:
+        return "ok"
+    if "interrupted" in statuses and statuses <= {"ok", "interrupted"}:
+        return "interrupted"
+    return "failed"
+
+
+def _not_ok_reason(rec: dict[str, Any]) -> str:
+    if rec.get("status") == "interrupted":
+        step = rec.get("interrupted_at_step")
+        return (f"{rec.get('run_id')}: interrupted"
+                + (f" at step {step}" if step is not None else "")
+                + "; continue it with `mor-bench run SUITE --resume RUN_DIR`")
+    return f"{rec.get('run_id')}: {rec.get('error')}"
+
+
 def run_metrics(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{model: {"status", "family", "budget", "seeds", "metrics": {name: value}}} for every
     model of a run; a model trained under several budgets is keyed "model @ budget"."""
@@ -92,10 +114,9 @@ def run_metrics(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         ok = [r for r in recs if r.get("status") == "ok"]
         entry: dict[str, Any] = {"family": recs[0].get("family"), "budget": budget,
                                  "seeds": sorted(r.get("seed") for r in ok),
-                                 "status": "ok" if len(ok) == len(recs) else "failed"}
-        if entry["status"] == "failed":
-            entry["errors"] = [f"{r.get('run_id')}: {r.get('error')}" for r in recs
-                               if r.get("status") != "ok"]
+                                 "status": _group_status(recs)}
+        if entry["status"] != "ok":
+            entry["errors"] = [_not_ok_reason(r) for r in recs if r.get("status") != "ok"]
         metrics: dict[str, Any] = {}
         if ok:
             metrics["val_nll"] = _mean([metric_of(r, "val_nll") for r in ok])
@@ -122,10 +143,12 @@ def make_baseline(run_dir: str | Path, records: list[dict[str, Any]] | None = No
     """A baseline document from a run (tolerances: kept from an older baseline if given)."""
     run_dir = Path(run_dir)
     records = load_records(run_dir) if records is None else records
-    failed = [r.get("run_id") for r in records if r.get("status") != "ok"]
+    failed = [f"{r.get('run_id')}: {r.get('status')}" for r in records
+              if r.get("status") != "ok"]
     if failed:
-        raise ReportError(f"{len(failed)} run(s) of '{run_dir}' failed ({', '.join(failed)}); "
-                            "a baseline must come from a run where every model trained")
+        raise ReportError(f"{len(failed)} run(s) of '{run_dir}' did not finish "
+                          f"({', '.join(failed)}); a baseline must come from a run where "
+                          "every model trained")
     suite = records[0].get("suite") or {}
     prov = records[0].get("provenance") or {}
     hw = prov.get("hardware") or {}
@@ -262,6 +285,7 @@ def _fmt_value(metric: str, v: Any) -> str:
 
 
 _FAMILY_ORDER = {"vanilla": 0, "recursive": 1, "mor": 2}
+_TIMED = ("speed_rel_tokens_per_s", "infer_rel_tokens_per_s")  # metrics that are timings
 _METRIC_ORDER = ("val_nll", "val_nll_causal", "speed_rel_tokens_per_s",
                  "infer_rel_tokens_per_s")
 
@@ -295,8 +319,9 @@ def compare(baseline: dict[str, Any], current: dict[str, dict[str, Any]]) -> dic
                 note="in the baseline but not in this run")
             continue
         if cur.get("status") != "ok":
-            row(model, "(model)", None, None, "failed",
-                note="; ".join(cur.get("errors") or ["the run failed"]))
+            status = "interrupted" if cur.get("status") == "interrupted" else "failed"
+            row(model, "(model)", None, None, status,
+                note="; ".join(cur.get("errors") or [f"the run {status}"]))
             continue
         if base is None:
             row(model, "(model)", None, None, "new", note="not in the baseline")
@@ -311,7 +336,8 @@ def compare(baseline: dict[str, Any], current: dict[str, dict[str, Any]]) -> dic
             else:
                 j = judge(metric, bm[metric], cm[metric], _tolerance(tolerances, metric))
                 row(model, metric, bm[metric], cm[metric], j.pop("verdict"), **j)
-    bad = [r for r in rows if r["verdict"] in ("regression", "missing", "failed")]
+    bad = [r for r in rows if r["verdict"] in ("regression", "missing", "failed",
+                                               "interrupted")]
     return {"passed": not bad, "rows": rows, "problems": bad}
 
 
@@ -332,6 +358,17 @@ def check_run(run_dir: str | Path, baseline_path: str | Path) -> dict[str, Any]:
     if hw and b_hw and hardware_summary(hw) != b_hw:
         notes.append(f"hardware differs from the baseline's ({hardware_summary(hw)} vs "
                      f"{b_hw}); ratios to vanilla are compared, never absolute speeds")
+    contended = contended_runs(records)
+    if contended:
+        notes.append(f"timings of {len(contended)} run(s) are flagged: the machine was "
+                     "contended while they ran, so their speed ratios are less trustworthy ("
+                     + "; ".join(f"{r['run_id']}: {r['reason']}" for r in contended) + ")")
+    result["contended"] = [r["run_id"] for r in contended]
+    flagged = {k for r in contended for k in (r["model"], f"{r['model']} @ {r['budget']}")}
+    for row in result["rows"]:
+        if row["model"] in flagged and row["metric"] in _TIMED:
+            row["note"] = "; ".join(filter(None, [row.get("note"),
+                                                  "timing flagged: machine contended"]))
     return {**result, "notes": notes, "baseline": str(baseline_path), "run_dir": str(run_dir),
             "recorded": baseline.get("recorded")}
 

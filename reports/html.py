@@ -29,17 +29,22 @@ import pandas as pd
 from evals.suite.record import hardware_summary, load_records, read_json
 from reports import table as table_mod
 from reports.figures import render_figures
-from reports.frame import ReportError, num
+from reports.frame import ReportError, contended_runs, num
 from reports.paper import PAPER_NOTE, SIGNIFICANCE_NOTE, paper_layout, paper_view
 from reports.stats import significance_vs_vanilla
 
 INDEX = "index.html"
 SCREENSHOT = "report.png"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-# The columns of the compact table at the top of the page (all columns follow it).
-HEADLINE = ("model", "layers", "budget", "seeds", "tokens", "val_nll", "val_nll_causal",
-            "rel_val_nll", "fewshot_avg", "tokens_per_s", "rel_tokens_per_s",
+# The columns of the compact detail table after the headline (all columns follow later).
+HEADLINE = ("model", "layers", "budget", "seeds", "contended", "tokens", "val_nll",
+            "val_nll_causal", "rel_val_nll", "fewshot_avg", "tokens_per_s", "rel_tokens_per_s",
             "speed_rel_tokens_per_s", "peak_mem_mb", "rel_peak_mem")
+# Headers of that table saying how a speed was timed: sequential (each run timed while it
+# trained, minutes apart) or interleaved (the [speed] phase, alternating rounds).
+KEY_LABELS = {"tokens_per_s": "tokens_per_s (sequential)",
+              "rel_tokens_per_s": "rel_tokens_per_s (sequential)",
+              "speed_rel_tokens_per_s": "speed_rel_tokens_per_s (interleaved)"}
 NO_BROWSER = ("no Chromium/Chrome on PATH (looked for " + ", ".join(BROWSERS) + "); install "
               "one, e.g. `apt-get install chromium`")
 
@@ -70,20 +75,25 @@ def _tables(run_dir: Path, records: list[dict[str, Any]],
             return None
         return f'<div class="scroll">{table_mod.render_formats(frame)["html"]}</div>'
 
-    return {"headline": _frame_html(shown[head]), "all": _frame_html(shown),
+    return {"headline": _frame_html(table_mod.headline_table(table)),
+            "headline_note": _md_inline(table_mod.headline_note(table)),
+            "key": _frame_html(shown[head].rename(columns=KEY_LABELS)),
+            "all": _frame_html(shown),
             "layout": fragment(report.get("layout")),
-            "tests": fragment(None if tests is None or tests.empty else _rounded(tests.assign(
-                significant=tests["significant"].map({True: "yes", False: "no"})))),
+            "tests": fragment(None if tests is None or tests.empty
+                              else table_mod.tests_display(tests)),
             "paper": fragment(report.get("paper_view"))}
 
 
-def _rounded(frame: pd.DataFrame) -> pd.DataFrame:
-    """Float columns as 4 significant digits (p-values and differences of the tests)."""
-    out = frame.copy().astype(object)
-    for col in frame.columns:
-        if pd.api.types.is_float_dtype(frame[col]):
-            out[col] = [None if pd.isna(v) else f"{v:.4g}" for v in frame[col]]
-    return out
+def _contention_html(records: list[dict[str, Any]]) -> str:
+    """The runs timed on a contended machine, with the recorded reason ("" when none)."""
+    lines = table_mod.contention_note(records)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{_md_inline(line[2:])}</li>" for line in lines
+                    if line.startswith("- "))
+    return (f'<h3 id="contention">Contended runs</h3><p class="note">{_md_inline(lines[0])}'
+            f'</p><ul class="contended">{items}</ul>')
 
 
 def _md_inline(text: str) -> str:
@@ -96,13 +106,13 @@ def _figures(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     "caption", "title"}} with paths resolved to files that exist, "skipped": {name:
     reason}}."""
     manifest = render_figures(run_dir, records=records) or {}
-    fig_dir = Path(manifest.get("dir") or run_dir / "figures")
+    fig_dir = run_dir / (manifest.get("dir") or "figures")  # manifest paths: run-relative
     figures = {}
     for name, entry in (manifest.get("figures") or {}).items():
         resolved = dict(entry)
         for kind in ("png", "svg"):
             path = entry.get(kind)
-            found = [c for c in ((Path(path), run_dir / path, fig_dir / path) if path else ())
+            found = [c for c in ((run_dir / path, fig_dir / path) if path else ())
                      if c.is_file()]
             resolved[kind] = found[0] if found else None
         figures[name] = resolved
@@ -343,20 +353,32 @@ def render_html(run_dir: str | Path, *, records: list[dict[str, Any]] | None = N
               + (f'<span class="badge bad">{len(failed)} failed</span>' if failed else "")
               + (f' <span class="badge bad">{len(interrupted)} interrupted</span>'
                  if interrupted else ""))
+    n_contended = len(contended_runs(records))
+    if n_contended:
+        status += (f' <a class="badge bad" href="#contention">{n_contended} timed on a '
+                   f"contended machine</a>")
     sections = [
         '<h2 id="results">Results</h2>',
         f"<p>{status}</p>",
+        '<h3 id="headline">Headline</h3>',
+        tables["headline"],
+        f'<p class="note">{tables["headline_note"]}</p>',
+        _contention_html(records),
+        '<h3 id="key-columns">Detail: key columns</h3>',
         '<p class="note">One row per model and budget (seeds averaged). Relative columns '
         "compare with the vanilla model of the same budget in this run (NLL as a "
         "difference, the rest as ratios). Tokens/s and time cover optimizer steps only. "
+        "<code>tokens_per_s</code> / <code>rel_tokens_per_s</code> are sequential; "
+        "<code>speed_rel_tokens_per_s</code> is interleaved. "
         "MoR <code>val_nll</code> under top-k routing is the paper's protocol and is not "
         "causal; <code>val_nll_causal</code> is.</p>",
-        tables["headline"],
+        tables["key"],
     ]
     if tables["layout"]:
         sections += ['<h3 id="table3">As the paper\'s Table 3</h3>',
                      '<p class="note">Accuracies in %; Time, Mem and Tok/s (training) '
-                     "relative to vanilla. " + _md_inline(SIGNIFICANCE_NOTE) + "</p>",
+                     "relative to vanilla; Time is each run's own wall time (sequential). "
+                     + _md_inline(SIGNIFICANCE_NOTE) + "</p>",
                      tables["layout"]]
     sections += ['<h2 id="figures">Figures</h2>', figs_html, '<h2 id="details">Details</h2>']
     if tables["tests"]:

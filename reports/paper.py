@@ -67,11 +67,12 @@ METRIC_LABELS = {"val_nll": "NLL", "fewshot_avg": "Avg", "train_time_s": "Time",
                  "infer_tokens_per_s": "Infer tok/s"}
 SIGNIFICANCE_NOTE = (
     "`±`: half-width of the 95% Student-t interval over seeds (none with one seed). `*`: "
-    "the difference from the vanilla model of the same budget is significant (p < 0.05 and "
-    "95% interval excluding 0; paired bootstrap over the same items for few-shot accuracy, "
-    "Welch t-test over seeds otherwise). `vs vanilla` lists those differences; `n.s.`: "
-    "tested, none significant; `-`: nothing testable (one seed, no per-item results). An "
-    "unmarked difference is no evidence that either model is better.")
+    "the difference from the vanilla model of the same budget is significant (p < 0.05, "
+    "95% interval excluding 0, and at least 2% of vanilla's value; paired bootstrap over "
+    "the same items for few-shot accuracy, Welch t-test over seeds otherwise). `vs "
+    "vanilla` lists those differences; `n.s.`: tested, none significant; `-`: nothing "
+    "testable (one seed, no per-item results). An unmarked difference is no evidence that "
+    "either model is better.")
 
 
 def task_label(task: str) -> str:
@@ -136,7 +137,8 @@ def paper_layout(table: pd.DataFrame, tests: pd.DataFrame | None = None) -> pd.D
     Columns: Model, Run, Router, KV, Share, N_r, Params, Budget, FLOPs, N_tok, NLL, the
     benchmarks (LD HS PQ WG ARC MMLU, then others), Avg, Seeds, then training time, peak
     memory and training tokens/s relative to vanilla (Time, Mem, Tok/s -- interleaved when
-    the table has `speed_rel_tokens_per_s`, else sequential), inference tokens/s
+    the table has `speed_rel_tokens_per_s`, else sequential and headed "Tok/s
+    (sequential)"; Time is each run's own wall time, sequential), inference tokens/s
     and its ratio to vanilla when measured, and "vs vanilla". Seed means show
     `mean ± half-width` when there are several seeds; `tests` (TEST_COLUMNS of
     `reports.stats`) put a `*` on significant differences and fill "vs vanilla"."""
@@ -148,8 +150,9 @@ def paper_layout(table: pd.DataFrame, tests: pd.DataFrame | None = None) -> pd.D
     infer = "infer_tokens_per_s" in table.columns
     # Training tokens/s relative to vanilla: the interleaved measurement when the run took
     # it (metrics.speed; docs/records.md), else the sequential per-run ratio.
+    # The fallback is labelled: a sequential ratio is information, not a comparison.
     tok_s = (("Tok/s", "speed_rel_tokens_per_s", None) if "speed_rel_tokens_per_s" in table
-             else ("Tok/s", "rel_tokens_per_s", "tokens_per_s"))
+             else ("Tok/s (sequential)", "rel_tokens_per_s", "tokens_per_s"))
     acc = lambda v: f"{100 * v:.1f}"
     ratio = lambda v: f"{v:.2f}x"
     rows = []

@@ -7,8 +7,10 @@
   `RUN_DIR/<run_id>/fewshot_items.json`) are compared by a paired bootstrap over the
   items: mean difference, percentile 95% interval, two-sided p-value.
 
-A difference is called significant only when p < 0.05 AND its interval excludes 0; the
-tables mark those and call nothing "better" otherwise.
+A difference is called significant only when p < 0.05 AND its interval excludes 0 AND it
+is at least `MIN_REL_EFFECT` (2%) of the vanilla value it is measured against (so a 1% RSS
+difference over two seeds, however consistent, gets no star); the tables mark those and call
+nothing "better" otherwise.
 
 The t distribution is computed here (regularised incomplete beta by continued fraction),
 so reports need neither scipy nor any other package beyond numpy and pandas.
@@ -39,6 +41,9 @@ from reports.frame import (
 
 ALPHA = 0.05
 LEVEL = 0.95
+MIN_REL_EFFECT = 0.02
+"""Smallest |difference| / |vanilla value| called significant: below it a difference may be
+real but is too small to matter (timing jitter, allocator noise), so no star."""
 N_BOOT = 10_000
 
 # Metrics compared across seeds (columns of `reports.table.comparison_table`), and the
@@ -160,9 +165,30 @@ def welch_test(a: Iterable[Any], b: Iterable[Any], level: float = LEVEL) -> dict
     return {**out, "ci_low": diff - half, "ci_high": diff + half, "p": min(1.0, p), "df": df}
 
 
-def is_significant(p: float, ci_low: float, ci_high: float, alpha: float = ALPHA) -> bool:
-    """p below alpha and an interval that excludes zero (both, so they never disagree)."""
-    return bool(p < alpha and (ci_low > 0 or ci_high < 0))
+def is_significant(p: float, ci_low: float, ci_high: float, alpha: float = ALPHA, *,
+                   diff: float | None = None, reference: float | None = None,
+                   min_rel_effect: float = MIN_REL_EFFECT) -> bool:
+    """p below alpha and an interval that excludes zero (both, so they never disagree) --
+    and, when the `reference` value (vanilla's mean) is given, an effect |diff| of at least
+    `min_rel_effect` of |reference|."""
+    if not (p < alpha and (ci_low > 0 or ci_high < 0)):
+        return False
+    if reference is not None and diff is not None and math.isfinite(reference) \
+            and reference != 0:
+        return bool(abs(diff) >= min_rel_effect * abs(reference))
+    return True
+
+
+def format_p(p: Any) -> str:
+    """A p-value as every report shows it: "<0.001" below 0.001, else 3 decimals; "-" when
+    missing."""
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        return "-"
+    if math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # --- paired bootstrap over items -------------------------------------------------------------
@@ -190,7 +216,7 @@ def stratified_paired_bootstrap(pairs: Sequence[tuple[Any, Any]], *, n_boot: int
     if not pairs:
         raise ValueError("paired bootstrap needs at least one (a, b) pair of arrays")
     rng = np.random.default_rng(seed)
-    observed, reps, n = 0.0, np.zeros(n_boot), 0
+    observed, reps, n, ref = 0.0, np.zeros(n_boot), 0, 0.0
     for a, b in pairs:
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
         if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
@@ -198,6 +224,7 @@ def stratified_paired_bootstrap(pairs: Sequence[tuple[Any, Any]], *, n_boot: int
                              f"(got shapes {a.shape} and {b.shape})")
         d = a - b
         observed += d.mean() / len(pairs)
+        ref += b.mean() / len(pairs)
         reps += _bootstrap_means(d, n_boot, rng) / len(pairs)
         n += len(d)
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
@@ -206,7 +233,9 @@ def stratified_paired_bootstrap(pairs: Sequence[tuple[Any, Any]], *, n_boot: int
     extreme = np.abs(reps - observed) >= abs(observed) - 1e-12
     p = (1 + int(extreme.sum())) / (n_boot + 1)
     return {"diff": float(observed), "ci_low": float(lo), "ci_high": float(hi), "p": p,
-            "significant": is_significant(p, lo, hi, alpha), "n": n, "n_boot": n_boot}
+            "significant": is_significant(p, lo, hi, alpha, diff=float(observed),
+                                          reference=float(ref)),
+            "n": n, "n_boot": n_boot}
 
 
 def paired_bootstrap(a: Any, b: Any, *, n_boot: int = N_BOOT, seed: int = 0,
@@ -348,8 +377,9 @@ def seed_tests(records: list[dict[str, Any]], metrics: Sequence[str] | None = No
                 rows.append({"model": model, "budget": budget, "task": None, "metric": col,
                              "routing": None, "diff": res["diff"], "ci_low": res["ci_low"],
                              "ci_high": res["ci_high"], "p": res["p"],
-                             "significant": is_significant(res["p"], res["ci_low"],
-                                                           res["ci_high"], alpha),
+                             "significant": is_significant(
+                                 res["p"], res["ci_low"], res["ci_high"], alpha,
+                                 diff=res["diff"], reference=float(base[col].mean())),
                              "n": res["n_a"], "method": "Welch t-test over seeds"})
     return pd.DataFrame(rows, columns=TEST_COLUMNS)
 

@@ -82,16 +82,32 @@ def test_render_figures_writes_every_figure_and_a_manifest(rendered):
     run_dir, manifest = rendered
     assert manifest["skipped"] == {}
     assert list(manifest["figures"]) == list(FIGURES)
-    assert manifest["dir"] == str(run_dir / "figures")
     on_disk = json.loads((run_dir / "figures" / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))  # JSON-serialisable, same content
 
 
+def test_manifest_paths_are_relative_to_the_run_dir(rendered, tmp_path):
+    run_dir, manifest = rendered
+    on_disk = json.loads((run_dir / "figures" / "manifest.json").read_text())
+    assert on_disk["dir"] == "figures"
+    for name, entry in on_disk["figures"].items():
+        for kind in ("png", "svg"):
+            assert not Path(entry[kind]).is_absolute(), (name, entry[kind])
+            assert entry[kind] == f"figures/{name}.{kind}"
+            assert (run_dir / entry[kind]).is_file()
+    assert str(run_dir) not in json.dumps(on_disk)
+    # The run directory moved elsewhere: the manifest still points at its figures.
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    again = json.loads((moved / "figures" / "manifest.json").read_text())
+    assert all((moved / e["png"]).is_file() for e in again["figures"].values())
+
+
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_each_figure_is_a_valid_png_and_svg(rendered, records, name):
-    _, manifest = rendered
+    run_dir, manifest = rendered
     entry = manifest["figures"][name]
-    png, svg = Path(entry["png"]), Path(entry["svg"])
+    png, svg = run_dir / entry["png"], run_dir / entry["svg"]
     image = mpimg.imread(png)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
     assert float(image[..., :3].var()) > 1e-3, "the PNG is blank"
@@ -126,6 +142,23 @@ def test_isoflop_means_seeds_with_error_bars(records):
     assert built.data["vanilla"]["n"] == [2, 1]
     assert built.data["recursive-3"]["yerr"] is None
     assert built.fig.axes[0].get_xscale() == "log"
+
+
+def test_isoflop_with_one_budget_is_categorical(records):
+    one = [r for r in _records(records) if r["budget"]["value"] == 1.2e12]
+    assert len({r["budget"]["value"] for r in one}) == 1
+    built = build_figure("isoflop", one)
+    ax = built.fig.axes[0]
+    assert ax.get_xscale() == "linear"  # not a log-scale FLOPs curve
+    models = list(built.data)
+    assert set(models) == {r["model_name"] for r in one if r["status"] == "ok"}
+    assert [t.get_text() for t in ax.get_xticklabels()] == models
+    assert "one budget" in built.caption
+    # One point per model, each at its own category.
+    pts = [(x, y) for x, y in _line_points(built.fig) if not math.isnan(y)]
+    assert sorted({round(x) for x, _ in pts}) == list(range(len(models)))
+    # Several budgets: the log-scale FLOPs axis stays.
+    assert build_figure("isoflop", records).fig.axes[0].get_xscale() == "log"
 
 
 def test_isoflop_leaves_out_a_missing_metric_never_zero(records):
@@ -174,6 +207,45 @@ def test_pareto_plot_only_models_with_both_metrics(records):
                        if name != "pareto")
 
 
+def _causal_inference(recs, run_id: str, causal_acc: float | None) -> None:
+    """Make `run_id` generate under causal routing; with `causal_acc`, also record its
+    few-shot results under causal routing (every task at that accuracy)."""
+    rec = next(r for r in recs if r["run_id"] == run_id)
+    rec["metrics"]["infer"]["routing"] = "causal"
+    fs = rec["metrics"]["fewshot"]
+    if causal_acc is None:
+        fs.get("by_routing", {}).pop("causal", None)
+        return
+    causal = copy.deepcopy(fs["tasks"])
+    for res in causal.values():
+        res["metrics"] = {k: causal_acc for k in res["metrics"]}
+    fs.setdefault("by_routing", {})["causal"] = causal
+
+
+def test_fewshot_throughput_pairs_accuracy_with_the_routing_of_the_speed(records):
+    from reports.frame import fewshot_scores
+
+    run_id = "mor-2-1.2e12F-s0"
+    label = next(k for k in build_figure("fewshot_throughput", records).data
+                 if k.startswith("mor-2"))
+    rec = next(r for r in records if r["run_id"] == run_id)
+    topk = 100 * fewshot_scores(rec)["fewshot_avg"]
+    assert build_figure("fewshot_throughput", records).data[label]["y"] == pytest.approx(topk)
+    # Throughput measured under causal routing: the causal accuracies are plotted.
+    recs = _records(records)
+    _causal_inference(recs, run_id, 0.123)
+    built = build_figure("fewshot_throughput", recs)
+    assert built.data[label]["y"] == pytest.approx(12.3)
+    assert built.data[label]["y"] != pytest.approx(topk)
+    assert "DIFFERENT routing" not in built.caption
+    # No causal few-shot results: the top-k score, and the caption says they differ.
+    recs = _records(records)
+    _causal_inference(recs, run_id, None)
+    built = build_figure("fewshot_throughput", recs)
+    assert built.data[label]["y"] == pytest.approx(topk)
+    assert "DIFFERENT routing" in built.caption and label in built.caption
+
+
 def test_pareto_frontier():
     pts = [(1.0, 5.0), (2.0, 4.0), (1.5, 3.0), (3.0, 1.0), (0.5, 5.0)]
     assert figures._pareto(pts) == [0, 1, 3]
@@ -205,6 +277,32 @@ def test_relative_cost_marks_missing_bars_na(records):
     texts = [t.get_text() for t in built.fig.axes[0].texts]
     assert "n/a" in texts
     assert not any(k.startswith("vanilla") for k in built.data["rel_train_time"])
+
+
+def test_relative_cost_training_time_says_how_it_was_timed(records):
+    from reports.table import comparison_table
+
+    label = "mor-2\n1.2e+12 flops"
+    ok = [r for r in records if r["status"] == "ok"]
+    mor = [r for r in ok if r["run_id"] == "mor-2-1.2e12F-s0"][0]
+    van = [r for r in ok if r["model_name"] == "vanilla" and r["budget"]["value"] == 1.2e12]
+    # Interleaved: tokens / interleaved tokens/s, relative to vanilla's.
+    built = build_figure("relative_cost", records)
+    assert "interleaved" in built.title and "sequential" not in built.title
+    v_speed = sum(r["metrics"]["speed"]["rel_tokens_per_s"] for r in van) / len(van)
+    v_tokens = sum(r["metrics"]["tokens"] for r in van) / len(van)
+    expected = (mor["metrics"]["tokens"] / v_tokens) / (
+        mor["metrics"]["speed"]["rel_tokens_per_s"] / v_speed)
+    assert built.data["rel_train_time"][label] == pytest.approx(expected)
+    # No [speed] phase: the sequential per-run times, and the title says so.
+    recs = _records(records)
+    for r in recs:
+        r.get("metrics", {}).pop("speed", None)
+    built = build_figure("relative_cost", recs)
+    assert "sequential" in built.title and "SEQUENTIAL" in built.caption
+    table = comparison_table(recs)
+    row = table[(table["model"] == "mor-2") & (table["budget"] == "1.2e+12 flops")].iloc[0]
+    assert built.data["rel_train_time"][label] == pytest.approx(row["rel_train_time"])
 
 
 # --- 5. KV cache ----------------------------------------------------------------------------

@@ -381,3 +381,21 @@ def test_committed_smoke_baseline_matches_the_smoke_suite():
         assert doc["tolerances"][metric]["tol"] == 0.25
     # A model's metrics are what `run_metrics` computes (the gate compares like with like).
     assert run_metrics([]) == {}
+
+
+def test_interrupted_run_is_shown_as_interrupted_not_failed(capsys, run_dir, baseline):
+    edit(run_dir, "recursive-2-1e12F-s0",
+         lambda r: r.update(status="interrupted", interrupted_at_step=7))
+    rc, rows = result_rows(capsys, run_dir, baseline)
+    assert rc == 1  # still no result to judge: the gate fails
+    row = rows[("recursive-2", "(model)")]
+    assert row["verdict"] == "interrupted"
+    assert "step 7" in row["note"] and "--resume" in row["note"]
+    rc, out, err = check(capsys, run_dir, baseline)
+    assert "recursive-2 (model) interrupted" in err
+    assert "recursive-2 (model) failed" not in err
+    # One seed interrupted, one failed: failed wins.
+    edit(run_dir, "mor-2-1e12F-s0", lambda r: r.update(status="interrupted"))
+    edit(run_dir, "mor-2-1e12F-s1", lambda r: r.update(status="failed", error="boom"))
+    _, rows = result_rows(capsys, run_dir, baseline)
+    assert rows[(MOR, "(model)")]["verdict"] == "failed"

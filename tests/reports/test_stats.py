@@ -264,7 +264,8 @@ def test_paired_fewshot_tests_on_the_fixture_run(fewshot_tests):
     assert rec_hs["diff"] == pytest.approx(np.mean([r["acc_norm"] - v["acc_norm"]
                                                     for r, v in zip(rec, van)]))
     assert not tests[tests["model"] == "recursive-2"]["significant"].any()
-    # The significance flag is exactly "p < 0.05 and the interval excludes 0".
+    # The significance flag is "p < 0.05 and the interval excludes 0" (every effect here
+    # is far above the minimum effect; test_small_effect_gets_no_star_however_consistent).
     for _, t in tests.iterrows():
         assert t["significant"] == (t["p"] < 0.05 and (t["ci_low"] > 0 or t["ci_high"] < 0))
 
@@ -363,3 +364,52 @@ def test_run_tasks_returns_per_item_correctness(tmp_path):
                 res["tasks"][task]["metrics"][metric])
     plain = run_tasks(lm, tasks[:1], include_paths=paths, limit=4)
     assert "items" not in plain and "samples" not in plain
+
+
+# --- minimum effect ---------------------------------------------------------------------------
+def _mem_seeds(tmp_path, vanilla_mb: tuple[float, float], mor_mb: tuple[float, float]) -> list:
+    """The fixture run with a second vanilla seed and given peak memory (MiB) per seed of
+    vanilla and mor-2 at 1e12."""
+    run_dir = _with_vanilla_seed(tmp_path, 2.52)
+    mem = {"vanilla-1e12F-s0": vanilla_mb[0], "vanilla-1e12F-s1": vanilla_mb[1],
+           "mor-2-1e12F-s0": mor_mb[0], "mor-2-1e12F-s1": mor_mb[1]}
+    for run_id, mb in mem.items():
+        path = run_dir / run_id / "record.json"
+        rec = json.loads(path.read_text())
+        rec["metrics"]["peak_mem_bytes"] = mb * 2**20
+        path.write_text(json.dumps(rec))
+    return load_records(run_dir)
+
+
+def test_small_effect_gets_no_star_however_consistent(tmp_path):
+    from reports.stats import MIN_REL_EFFECT, is_significant
+
+    # 1% less memory, n = 2 each side, nearly no spread: p tiny, interval excludes 0 ...
+    tests = seed_tests(_mem_seeds(tmp_path / "a", (1000.0, 1000.1), (990.0, 990.1)),
+                       metrics=["peak_mem_mb"])
+    row = _test(tests, "mor-2", "peak_mem_mb")
+    assert row["p"] < 0.05 and row["ci_high"] < 0
+    assert abs(row["diff"]) / 1000.05 < MIN_REL_EFFECT
+    assert not row["significant"]  # ... but the effect is below the minimum
+    # 5% less: significant.
+    tests = seed_tests(_mem_seeds(tmp_path / "b", (1000.0, 1000.1), (950.0, 950.1)),
+                       metrics=["peak_mem_mb"])
+    assert _test(tests, "mor-2", "peak_mem_mb")["significant"]
+    # The rule itself: without a reference, the test alone decides.
+    assert is_significant(0.01, -2.0, -1.0)
+    assert not is_significant(0.01, -2.0, -1.0, diff=-1.5, reference=100.0)
+    assert is_significant(0.01, -2.0, -1.0, diff=-2.0, reference=100.0)
+
+
+def test_paired_bootstrap_needs_a_minimum_effect():
+    # Enough items that +0.8 points on a base of 50% (1.6% relative) is clearly nonzero.
+    n = 200_000
+    b = np.zeros(n)
+    b[: n // 2] = 1.0
+    a = b.copy()
+    a[n // 2: n // 2 + int(0.008 * n)] = 1.0  # +0.8 points on a base of 50: 1.6%
+    res = paired_bootstrap(a, b, n_boot=2000)
+    assert res["p"] < 0.05 and res["ci_low"] > 0
+    assert not res["significant"]
+    a[n // 2: n // 2 + int(0.02 * n)] = 1.0  # +2 points on 50: 4%
+    assert paired_bootstrap(a, b, n_boot=2000)["significant"]

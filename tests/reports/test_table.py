@@ -177,7 +177,9 @@ def test_render_report(tmp_path, records, table):
     assert failed["run_id"] in failed_section and failed["error"] in failed_section
     assert "Fixture CPU" in md  # hardware from the records' provenance
     assert records[0]["provenance"]["git"]["commit"] in md
-    full = _markdown_rows(_markdown_tables(md)[0])  # the first table: every column
+    # The first table is the headline (tests/reports/test_headline.py); then the detail
+    # tables (test_detail_tables_hold_every_column), a row per model each.
+    full = _markdown_rows(_markdown_tables(md)[1])
     assert len(full) == len(table)
     assert [r["model"] for r in full] == list(table["model"])
 
@@ -447,7 +449,9 @@ def test_paper_layout_columns_and_cells(table):
     assert mor["speed_rel_tokens_per_s"] != pytest.approx(mor["rel_tokens_per_s"])
     sequential = paper_layout(table.drop(columns=["speed_tokens_per_s",
                                                   "speed_rel_tokens_per_s"]))
-    assert sequential.iloc[list(layout["Run"]).index("mor-2")]["Tok/s"] == (
+    # Without it, the sequential ratio -- and the column says so.
+    assert "Tok/s" not in sequential.columns
+    assert sequential.iloc[list(layout["Run"]).index("mor-2")]["Tok/s (sequential)"] == (
         f"{mor['rel_tokens_per_s']:.2f}x")
     v = rows[("vanilla", "1e+12 flops")]
     # One seed: the mean alone, no interval; vanilla has no router, KV or N_r.
@@ -563,8 +567,8 @@ def test_render_report_writes_every_format(tmp_path, records):
                       ("layout_csv", "report_layout.csv"), ("tests_csv", "report_tests.csv")]:
         assert Path(report[key]) == run_dir / name and (run_dir / name).stat().st_size > 0
     md = (run_dir / "report.md").read_text()
-    tables = _markdown_tables(md)
-    layout = _markdown_rows(tables[1])  # after the full table: the Table 3 layout
+    # After the headline and the detail tables: the Table 3 layout.
+    layout = _markdown_rows(_markdown_tables(md.split("## As the paper's Table 3", 1)[1])[0])
     assert len(layout) == len(report["layout"]) == 5
     mor = next(r for r in layout if r["Run"] == "mor-2" and r["Budget"] == "1e+12 flops")
     # The fixture's MoR is right on every HellaSwag item vanilla got wrong (15 of 50): the
@@ -593,3 +597,29 @@ def test_render_report_with_no_successful_run(tmp_path):
     assert "## As the paper's Table 3" not in md and "## Paper reference" not in md
     assert report["layout"].empty and report["tests"].empty
     assert (run_dir / "report.tex").is_file() and (run_dir / "report_tables.html").is_file()
+
+
+def test_detail_tables_hold_every_column(tmp_path, table):
+    from reports.table import DETAIL_KEYS, detail_tables
+
+    details = detail_tables(table)
+    assert len(details) >= 3  # thematic, not one wide table
+    shown = [c for _, frame in details for c in frame.columns if c not in DETAIL_KEYS]
+    expected = [c for c in table.columns if not c.endswith("_ci95") and c not in DETAIL_KEYS]
+    assert sorted(shown) == sorted(expected) and len(shown) == len(set(shown))
+    for title, frame in details:
+        assert list(frame.columns[:2]) == DETAIL_KEYS, title
+        assert len(frame) == len(table)
+    themes = {title: list(frame.columns) for title, frame in details}
+    assert "val_nll" in themes["Quality"] and "fewshot_avg" in themes["Quality"]
+    assert "speed_rel_tokens_per_s" in themes["Training time, speed and memory"]
+    # report.md: each under its own heading in the Detail section, none wider than needed.
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES, run_dir)
+    md = Path(render_report(run_dir)["markdown"]).read_text()
+    detail = md.split("## Detail", 1)[1].split("\n## ", 1)[0]
+    for title, frame in details:
+        section = detail.split(f"### {title}\n", 1)[1]
+        head = _markdown_tables(section)[0].splitlines()[0]
+        assert [c.strip() for c in head.strip("|").split("|")] == list(frame.columns)
+    assert max(len(f.columns) for _, f in details) < len(expected)
