@@ -33,6 +33,9 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
                        "directory (after a kill, SIGTERM or preemption): finished runs are "
                        "kept, an interrupted run resumes from its newest checkpoint, a failed "
                        "run is retried once; SUITE must be the same suite")
+        p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads "
+                       "per run process, overriding the suite's [train] threads (on a busy "
+                       "machine: fewer threads than free cores keep timings uncontended)")
         p.add_argument("--json", action="store_true", help="print JSON on stdout (logs go "
                        "to stderr)")
     elif command == "report":
@@ -48,6 +51,16 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--update", action="store_true", help="(re)write FILE from this run "
                        "(keeping its tolerances) instead of checking")
         p.add_argument("--json", action="store_true", help="the comparison as JSON on stdout")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _dry_run(args: argparse.Namespace, suite) -> int:
@@ -81,15 +94,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evals.suite.spec import load_suite
 
     suite = load_suite(args.suite)
+    if args.threads is not None:  # the suite text (and so --resume's check) is unchanged
+        import dataclasses
+
+        suite = dataclasses.replace(
+            suite, train=dataclasses.replace(suite.train, threads=args.threads))
+    from evals.suite.runner import DEFAULT_CACHE, check_eval_tasks
+    from evals.suite.spec import check_corpus
+
+    cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
+    # Plan-time checks, dry run and real run alike, before any data or compute. (A resumed
+    # run reuses its directory's prepared data: no corpus to check.)
+    if not args.resume:
+        check_corpus(suite, args.corpus)
+    # A dry run plans without the offline benchmark copies (a note says they are needed).
+    for note in check_eval_tasks(suite, cache, require_offline=not args.dry_run):
+        print(f"mor-bench: note: {note}", file=sys.stderr)
     if args.dry_run:
         return _dry_run(args, suite)
 
     from evals.cli.display import SuiteProgress
-    from evals.suite.runner import DEFAULT_CACHE, run_suite
+    from evals.suite.runner import run_suite
     from reports.html import build_report
     from reports.table import format_table
 
-    cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
     # A live table on a terminal; plain log lines otherwise (CI logs, pipes).
     progress = SuiteProgress()
     plain = PlainLog(out=sys.stderr if args.json else None, live=progress.live)
@@ -106,7 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_dir, records, failed = run_suite(
             suite, Path(args.out), corpus=args.corpus, cache_dir=cache, on_event=on_event,
-            live=progress.live, resume=Path(args.resume) if args.resume else None)
+            live=progress.live, resume=Path(args.resume) if args.resume else None,
+            warn_busy=True)
     except SuiteInterrupted as e:
         progress.stop()
         print(f"mor-bench: interrupted; state saved. Resume with: mor-bench run "

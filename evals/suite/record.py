@@ -222,6 +222,7 @@ class Record(TypedDict):
     device: NotRequired[str]
     checkpoint: NotRequired[str]
     started_at: NotRequired[str]
+    load: NotRequired[dict[str, Any] | None]  # the load a run trained under (contended?)
 
 
 class DepthExport(TypedDict):

@@ -24,11 +24,13 @@ leaves the others' records intact (the failed run gets a record with status "fai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -56,7 +58,17 @@ from evals.suite.record import (
     utc_now,
     write_json_atomic,
 )
-from evals.suite.spec import RunSpec, Suite, plan_runs, plan_table, sweep_targets
+from evals.suite.spec import RunSpec, Suite, check_memory, plan_runs, plan_table, sweep_targets
+from evals.suite.spec import check_corpus as check_suite_corpus
+from evals.suite.status import (
+    LoadMeter,
+    busy_cores_warning,
+    loadavg,
+    peak_rss_bytes,
+    suite_status,
+    total_memory_bytes,
+    write_suite_status,
+)
 from evals.training.budget import plan_training
 from evals.training.loop import for_world
 from mor.errors import ConfigError
@@ -303,11 +315,13 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
                            config=spec.to_dict(), resume_step=first_step if first_step > 1
                            else None, enabled=info.is_main)
 
+        meter = LoadMeter().start()  # the load this process trains under: the record's
         result = train(model, batches, spec.plan, tcfg, warmup_steps=spec.warmup_steps,
                        device=device, on_step=status.step_callback(spec.plan.steps),
                        info=info, checkpoint_dir=out_dir / "checkpoints",
                        should_stop=should_stop, make_tracker=make_tracker,
                        on_warning=status.warning)
+        result.load = meter.stop(torch.get_num_threads())  # "load" (kept in TRAIN_RESULT)
         # Weights first (every rank joins the gather), then evaluation on rank 0 alone.
         weights = D.full_state_dict(model)
         if info.is_main:
@@ -391,6 +405,9 @@ def execute_run(spec: RunSpec, suite_info: dict[str, Any], run_dir: Path,
         # Uptraining: the pretrained source (hash), method, layer map and gate it started from
         "init": read_json(out_dir / INIT_FILE) if (out_dir / INIT_FILE).is_file() else None,
         "backend": backend,
+        # The machine load over this process's training (evals.suite.status.LoadMeter): a
+        # contended run's timings understate the model.
+        "load": result.load,
         "checkpoint": str(out_dir), "started_at": started, "finished_at": utc_now(),
         "provenance": provenance(),
     }
@@ -497,14 +514,44 @@ def _fewshot(model, cfg, eval_info: dict[str, Any], data_dir: Path, device,
             "lm_eval_version": res["lm_eval_version"]}, items
 
 
-def check_eval_tasks(suite: Suite, cache_dir: Path) -> None:
+def check_eval_tasks(suite: Suite, cache_dir: Path, *, require_offline: bool = True
+                     ) -> list[str]:
     """Before any data or training: the suite's [eval] (and [sweep]) tasks can all be
-    found."""
-    from evals.lmeval.tasks import check_tasks
+    found. Synthetic task names are always checked strictly. `require_offline=False` (a dry
+    run): when the offline benchmark copies were never fetched under `cache_dir`, the tasks
+    that need them are returned as notes (one message per section) instead of raised."""
+    from evals.lmeval.tasks import _benchmark_tasks_dir, check_tasks
 
-    check_tasks(suite.evaluation.tasks, cache_dir, where=f"{suite.source}: [eval] ")
-    if suite.sweep is not None and suite.sweep.tasks:
-        check_tasks(suite.sweep.tasks, cache_dir, where=f"{suite.source}: [sweep] ")
+    notes = []
+    for section, tasks in (("eval", suite.evaluation.tasks),
+                           ("sweep", suite.sweep.tasks if suite.sweep is not None else ())):
+        if not tasks:
+            continue
+        where = f"{suite.source}: [{section}] "
+        _check_synthetic_task_names(tasks, where)
+        try:
+            check_tasks(tasks, cache_dir, where=where)
+        except ConfigError as e:
+            if require_offline or _benchmark_tasks_dir(cache_dir).is_dir():
+                raise
+            notes.append(str(e))
+    return notes
+
+
+def _check_synthetic_task_names(tasks, where: str) -> None:
+    """`check_tasks` takes every "mor_synth_*" name for a generated task; only the names
+    `evals.lmeval.synthetic_tasks` writes exist (a typo would fail after training)."""
+    import difflib
+
+    from evals.lmeval.synthetic_tasks import SYNTHETIC_GROUP, SYNTHETIC_TASKS
+
+    known = (SYNTHETIC_GROUP, *SYNTHETIC_TASKS)
+    for task in tasks:
+        if task.startswith("mor_synth") and task not in known:
+            close = difflib.get_close_matches(task, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}unknown synthetic task {task!r}; {hint}known: "
+                              f"{', '.join(known)}")
 
 
 def prepare_eval(suite: Suite, run_dir: Path, cache_dir: Path) -> dict[str, Any] | None:
@@ -680,10 +727,12 @@ def _prepare(suite: Suite, out_root: Path, corpus: str | None, cache_dir: Path,
     except ConfigError as e:
         raise ConfigError(f"{suite.source}: {e}") from None
     check_eval_tasks(suite, cache_dir)
+    check_memory(suite, runs)  # a run that cannot fit this machine, before any data
     if resume is not None:
         run_dir = _check_resumable(suite, resume, corpus)
         data_meta = read_json(run_dir / "data" / "data.json")
     else:
+        check_suite_corpus(suite, corpus)  # `[data] require_corpus`: no synthetic text
         if corpus is not None:
             check_corpus(corpus)  # --corpus: its own message names it
         else:
@@ -735,6 +784,12 @@ def _check_resumable(suite: Suite, run_dir: Path, corpus: str | None) -> Path:
             run_dir / "data" / "data.json").is_file():
         raise ConfigError(f"--resume {run_dir}: not a suite run directory (expected "
                           "suite.toml, plan.json and data/ written by `mor-bench run`)")
+    marker = suite_status(run_dir)  # another host's "running" cannot be checked: allowed
+    if (marker["status"] == "running" and marker.get("pid") != os.getpid()
+            and marker.get("host") == socket.gethostname()):
+        raise ConfigError(f"--resume {run_dir}: suite process {marker.get('pid')} is still "
+                          f"running in it (since {marker.get('started')}); stop it first "
+                          "(SIGTERM saves its state) or wait for it")
     if corpus is not None:
         raise ConfigError(f"--resume {run_dir}: the run directory's prepared data is reused; "
                           "drop --corpus")
@@ -764,7 +819,7 @@ def run_state(run_dir: Path, run_id: str) -> tuple[str, int]:
 
 def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
               cache_dir: Path = DEFAULT_CACHE, on_event: OnEvent | None = None,
-              live: bool = False, resume: Path | None = None
+              live: bool = False, resume: Path | None = None, warn_busy: bool = False
               ) -> tuple[Path, list[dict], list[str]]:
     """Train every planned run, then the suite's after-training phases ([infer], [speed]);
     returns the run directory, the records written (failed runs included, with status
@@ -785,7 +840,8 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     (val_nll, tokens_per_s, wall_s) or "failed" (error); SuiteEvent "finished"; then for
     each phase "phase", "phase_log"..., and "phase_done" or "phase_failed". `live`: the
     caller draws on the terminal, so run processes write their own output to run.log
-    rather than stderr."""
+    rather than stderr. `warn_busy`: after "start"/"resume", a SuiteEvent "warning" when the
+    machine's load leaves fewer free cores than each run's threads (the command line)."""
     from evals.training import distributed as D
 
     emit = on_event or ignore
@@ -794,6 +850,8 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
         return _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume)
     run_dir, runs, suite_info, suite_event = _prepare(suite, out_root, corpus, cache_dir,
                                                       resume, 1, emit)
+    if warn_busy:
+        _warn_if_busy(suite, suite_event)
     todo = _announce(runs, run_dir, resume, emit, suite_event)
     train_cfg = dataclasses.asdict(for_world(suite.train, 1))
     ctx = mp.get_context("spawn")
@@ -803,15 +861,52 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     on_main = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
-        records, failed = _run_all(runs, todo, ctx, status_queue, suite_info, run_dir,
-                                   train_cfg, emit, suite_event, live)
-        records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event,
-                          cache_dir)
+        with _status_marker(run_dir) as outcome:
+            records, failed = _run_all(runs, todo, ctx, status_queue, suite_info, run_dir,
+                                       train_cfg, emit, suite_event, live)
+            records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event,
+                              cache_dir)
+            outcome["failed"] = len(failed)
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, old_handler)
         status_queue.close()
     return run_dir, records, failed
+
+
+@contextlib.contextmanager
+def _status_marker(run_dir: Path, enabled: bool = True):
+    """RUN_DIR/suite_status.json (`evals.suite.status`) around the suite's work: "running"
+    with this process's pid, then "finished" (with what the block put in the yielded dict),
+    "interrupted" (SIGTERM/SIGINT) or "failed". After a SIGKILL it still says "running";
+    `evals.suite.status.suite_status` sees that the process is gone."""
+    if not enabled:  # torchrun ranks other than 0
+        yield {}
+        return
+    write_suite_status(run_dir, "running")
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except SuiteInterrupted as e:
+        write_suite_status(run_dir, "interrupted",
+                           signal=None if e.signum is None else int(e.signum))
+        raise
+    except KeyboardInterrupt:  # SIGINT/SIGTERM outside a run (an after-training phase)
+        write_suite_status(run_dir, "interrupted")
+        raise
+    except BaseException as e:
+        write_suite_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    write_suite_status(run_dir, "finished", **outcome)
+
+
+def _warn_if_busy(suite: Suite, suite_event) -> None:
+    """A "warning" event when the machine's 1-minute load average leaves fewer free cores
+    than each run process's threads (`evals.suite.status.busy_cores_warning`)."""
+    threads = suite.train.threads or os.cpu_count() or 1  # torch's default: every core
+    message = busy_cores_warning(threads)
+    if message is not None:
+        suite_event("warning", message=message, threads=threads, loadavg=loadavg())
 
 
 def _announce(runs, run_dir: Path, resume, emit, suite_event) -> dict[str, tuple[str, int]]:
@@ -849,7 +944,6 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
     train each run data-parallel in this process (no process per run)."""
     from evals.training import distributed as D
     from evals.training.device import resolve_device
-    from evals.training.loop import TrainingInterrupted
 
     info = D.init_from_env(resolve_device(suite.train.device).type)
     stop = StopFlag()
@@ -873,50 +967,64 @@ def _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume):
         out = emit if info.is_main else ignore
         todo = D.broadcast_object(info, _announce(runs, run_dir, resume, out, suite_event)
                                   if info.is_main else None)
-        train_cfg = dataclasses.asdict(for_world(suite.train, info.world_size))
-        records, failed = [], []
-        t0 = time.perf_counter()
-        for i, spec in enumerate(runs, 1):
-            state, attempts = todo[spec.run_id]
-            if state != "run":
-                if info.is_main:
-                    _skip(spec, state, run_dir, records, failed, suite_event)
-                continue
-            _run_started(suite_event, i, len(runs), spec)
-            t_run = time.perf_counter()
-            sender = EventSender(spec.run_id, emit=out)
-            out_dir = run_dir / spec.run_id
-            try:
-                rec = execute_run(spec, suite_info, run_dir, train_cfg, sender, info=info,
-                                  should_stop=stop)
-            except TrainingInterrupted as e:
-                if info.is_main:
-                    _interrupted_record(spec, suite_info, out_dir, e.step, stop.signum)
-                    suite_event("interrupted", run_id=spec.run_id, step=e.step)
-                raise SuiteInterrupted(run_dir, stop.signum or signal.SIGTERM) from None
-            except Exception as e:  # noqa: BLE001 -- the run's failure record, as a run
-                # process writes it (`_child_main`); the suite goes on with the next run
-                if info.is_main:
-                    _failure(spec, suite_info, out_dir, e)
-            if info.is_main:
-                rec = _stamp_attempt(out_dir / RECORD, attempts + 1)
-                records.append(rec)
-                _emit_outcome(spec, rec, rec.get("status") != "ok", emit,
-                              time.perf_counter() - t_run, failed)
-            D.barrier(info)
-            if stop():
-                if info.is_main:
-                    suite_event("interrupted", run_id=None, step=None)
-                raise SuiteInterrupted(run_dir, stop.signum)
-        if info.is_main:
-            suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
-                        seconds=time.perf_counter() - t0)
-            records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event,
-                          cache_dir)
+        with _status_marker(run_dir, enabled=info.is_main) as outcome:
+            records, failed = _torchrun_runs(suite, runs, todo, run_dir, suite_info, info,
+                                             stop, out, emit, suite_event, cache_dir)
+            outcome["failed"] = len(failed)
         D.barrier(info)
         return run_dir, records, failed
     finally:
         D.shutdown()
+
+
+def _torchrun_runs(suite, runs, todo, run_dir: Path, suite_info, info, stop, out, emit,
+                   suite_event, cache_dir):
+    """`_run_suite_torchrun`'s runs, in this process (every rank), then rank 0's
+    after-training phases; returns (records, failed ids) (empty on other ranks)."""
+    from evals.training import distributed as D
+    from evals.training.loop import TrainingInterrupted
+
+    train_cfg = dataclasses.asdict(for_world(suite.train, info.world_size))
+    records, failed = [], []
+    t0 = time.perf_counter()
+    for i, spec in enumerate(runs, 1):
+        state, attempts = todo[spec.run_id]
+        if state != "run":
+            if info.is_main:
+                _skip(spec, state, run_dir, records, failed, suite_event)
+            continue
+        _run_started(suite_event, i, len(runs), spec)
+        t_run = time.perf_counter()
+        sender = EventSender(spec.run_id, emit=out)
+        out_dir = run_dir / spec.run_id
+        try:
+            rec = execute_run(spec, suite_info, run_dir, train_cfg, sender, info=info,
+                              should_stop=stop)
+        except TrainingInterrupted as e:
+            if info.is_main:
+                _interrupted_record(spec, suite_info, out_dir, e.step, stop.signum)
+                suite_event("interrupted", run_id=spec.run_id, step=e.step)
+            raise SuiteInterrupted(run_dir, stop.signum or signal.SIGTERM) from None
+        except Exception as e:  # noqa: BLE001 -- the run's failure record, as a run
+            # process writes it (`_child_main`); the suite goes on with the next run
+            if info.is_main:
+                _failure(spec, suite_info, out_dir, e)
+        if info.is_main:
+            rec = _stamp_attempt(out_dir / RECORD, attempts + 1)
+            records.append(rec)
+            _emit_outcome(spec, rec, rec.get("status") != "ok", emit,
+                          time.perf_counter() - t_run, failed)
+        D.barrier(info)
+        if stop():
+            if info.is_main:
+                suite_event("interrupted", run_id=None, step=None)
+            raise SuiteInterrupted(run_dir, stop.signum)
+    if info.is_main:
+        suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
+                    seconds=time.perf_counter() - t0)
+        records = _phases(suite, run_dir, records, failed, runs, train_cfg, suite_event,
+                      cache_dir)
+    return records, failed
 
 
 def _skip(spec, state: str, run_dir: Path, records: list, failed: list, suite_event) -> None:
@@ -999,8 +1107,9 @@ def _run_all(runs, todo, ctx, status_queue, suite_info, run_dir, train_cfg, emit
                            args=(spec, suite_info, str(run_dir), train_cfg, status_queue, live,
                                  os.getpid()))
         proc.start()
+        peak = _PeakMemory(proc.pid)  # what error.txt can say if the OOM killer strikes
         try:
-            relay(status_queue, proc, emit)
+            relay(status_queue, proc, peak.watching(emit))
             proc.join()
         except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: let the run save, then stop
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
@@ -1023,9 +1132,11 @@ def _run_all(runs, todo, ctx, status_queue, suite_info, run_dir, train_cfg, emit
                         step=read_json(rec_file).get("interrupted_at_step"))
             raise SuiteInterrupted(run_dir, signal.SIGTERM)
         if not rec_file.is_file():  # killed before it could write its failure record
+            error = f"process exited with code {proc.exitcode}"
+            if proc.exitcode == -signal.SIGKILL:
+                error = _write_killed_error(run_dir / spec.run_id, proc.pid, peak.bytes)
             write_json_atomic(rec_file, failed_record(
-                spec.to_dict(), family=spec.config.family, suite=suite_info,
-                error=f"process exited with code {proc.exitcode}"))
+                spec.to_dict(), family=spec.config.family, suite=suite_info, error=error))
         rec = _stamp_attempt(rec_file, attempts + 1)
         records.append(rec)
         _emit_outcome(spec, rec, proc.exitcode != 0 or rec.get("status") != "ok", emit,
@@ -1033,6 +1144,55 @@ def _run_all(runs, todo, ctx, status_queue, suite_info, run_dir, train_cfg, emit
     suite_event("finished", ok=len(runs) - len(failed), count=len(runs),
                 seconds=time.perf_counter() - t0)
     return records, failed
+
+
+KILLED_HINT = (
+    "Nothing in the run process itself reports this: SIGKILL cannot be caught. The suite "
+    "process did not send it, so it came from outside -- most likely the kernel's "
+    "out-of-memory killer (check `dmesg` or `journalctl -k` for \"Out of memory: Killed "
+    "process {pid}\"). If so, use less memory per step: a smaller [train] batch_size with a "
+    "larger grad_accum keeps the same global batch (and so the same results' meaning), or "
+    "choose a smaller preset; then `mor-bench run SUITE --resume RUN_DIR` retries this run.")
+"""error.txt of a run process killed by SIGKILL (`_write_killed_error`)."""
+
+
+class _PeakMemory:
+    """The peak resident memory of a run process as last seen by the suite process: read
+    from /proc whenever the run sends an event (a process killed by SIGKILL cannot report
+    its own). A lower bound of the peak at the kill."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.bytes: int | None = None
+
+    def sample(self) -> None:
+        now = peak_rss_bytes(self.pid)
+        if now is not None and (self.bytes is None or now > self.bytes):
+            self.bytes = now
+
+    def watching(self, emit: OnEvent) -> OnEvent:
+        def emit_and_sample(event) -> None:
+            self.sample()
+            emit(event)
+        return emit_and_sample
+
+
+def _write_killed_error(out_dir: Path, pid: int, peak_bytes: int | None = None) -> str:
+    """The run process died of SIGKILL (no traceback, no record of its own): explain in
+    out_dir/error.txt, and return the record's one-line error."""
+    error = ("killed by SIGKILL (exit code -9), most likely by the kernel's out-of-memory "
+             "killer; try a smaller batch_size with grad_accum, or a smaller preset")
+    if peak_bytes is not None:
+        total = total_memory_bytes()
+        of = f" of the machine's {total / 2**20:,.0f} MiB" if total else ""
+        memory = (f"Peak resident memory last seen: {peak_bytes / 2**20:,.0f} MiB{of} (read "
+                  "while it ran; the peak at the kill was likely higher).")
+    else:
+        memory = "Its peak memory is unknown (it was not seen before the kill)."
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "error.txt").write_text(f"run process {pid} {error}.\n{memory}\n\n"
+                                       f"{KILLED_HINT.format(pid=pid)}\n")
+    return error
 
 
 def _with_vocab(spec: RunSpec, vocab_size: int, suite: Suite) -> RunSpec:

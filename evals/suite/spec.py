@@ -769,6 +769,7 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
     fund a single step."""
     runs: list[RunSpec] = []
     from evals.training.loop import for_world
+    from evals.training.memory import train_memory
 
     t = for_world(suite.train, world_size)  # grad_accum from [train] global_batch
     for m in suite.models:
@@ -792,7 +793,8 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
                                          f"{_source_seed(src, seed, suite, m.name)}"
                 runs.append(RunSpec(run_id, m.name, m.config, b, seed, p,
                                     min(warmup, p.steps), m.preset, init))
-    runs = _check_memory(suite, runs, t.batch_size)
+    runs = [dataclasses.replace(r, mem_estimate=train_memory(
+        r.config, suite.data.seq_len, t.batch_size)["total"]) for r in runs]
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # a guard: names, budgets and seeds are unique above
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -800,18 +802,21 @@ def plan_runs(suite: Suite, world_size: int = 1) -> list[RunSpec]:
     return runs
 
 
-def _check_memory(suite: Suite, runs: list[RunSpec], batch_size: int) -> list[RunSpec]:
-    """Refuse, before any compute, a run whose estimated peak memory
-    (`evals.training.memory.train_memory`) exceeds what the machine (or GPU) has at all:
-    it would fill memory and be killed mid-run. Returns the runs with their estimate."""
+def check_memory(suite: Suite, runs: list[RunSpec]) -> None:
+    """Before any compute of a real run (the dry run only shows the estimates: a paper
+    suite is planned on a laptop and trained on a GPU): refuse a run whose estimated peak
+    memory (`evals.training.memory.train_memory`, `RunSpec.mem_estimate`) exceeds what this
+    machine (or its GPU) has at all -- it would fill memory and be killed mid-run."""
+    from evals.training.loop import for_world
     from evals.training.memory import machine_memory, train_memory
 
     have, what = machine_memory(suite.train.device)
-    out = []
+    if have is None:
+        return
+    batch_size = for_world(suite.train, 1).batch_size
     for r in runs:
         need = train_memory(r.config, suite.data.seq_len, batch_size)
-        out.append(dataclasses.replace(r, mem_estimate=need["total"]))
-        if have is not None and need["total"] > have:
+        if need["total"] > have:
             preset = f"preset {r.preset!r}" if r.preset else "the model's shape"
             raise ConfigError(
                 f"{suite.source}: model {r.model_name!r}: training needs ~"
@@ -821,7 +826,6 @@ def _check_memory(suite: Suite, runs: list[RunSpec], batch_size: int) -> list[Ru
                 f"{batch_size} x seq_len {suite.data.seq_len}) but this machine has "
                 f"{have / 2**30:,.1f} GiB of {what}; use a smaller {preset}, or a lower "
                 "[train] batch_size with grad_accum (or seq_len)")
-    return out
 
 
 def plan_table(runs: list[RunSpec]) -> list[dict[str, Any]]:

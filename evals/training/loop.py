@@ -184,6 +184,10 @@ class TrainResult:
     resumed: list[dict] = field(default_factory=list)
     """One entry per resume: the step it continued from and the checkpoint used. Timing
     figures exclude the work lost between that checkpoint and the kill."""
+    load: dict[str, Any] | None = None
+    """The machine load the training ran under (`evals.suite.status.LoadMeter`), set by the
+    suite runner around `train`; None when not measured. A resumed run's figure covers the
+    last process's part of the training only."""
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from evals.cli.main import main
-from evals.suite.spec import load_suite, plan_runs, plan_table
+from evals.suite.spec import check_memory, load_suite, plan_runs, plan_table
 from evals.training.budget import Budget, plan_training
 from evals.training.memory import PROCESS_BYTES, machine_memory, train_memory
 from mor import ModelConfig, build_model
@@ -45,14 +45,19 @@ def test_a_model_that_cannot_fit_is_refused_before_compute(write_suite, tmp_path
                                 '[[models]]\nname = "vanilla"\nfamily = "vanilla"\n'
                                 'd_model = 65536\nn_heads = 64\nn_kv_heads = 64\n'
                                 'd_ff = 262144\nn_layers = 64\n'})
+    suite = load_suite(str(path))
+    runs = plan_runs(suite)      # the plan (and the dry run) shows the estimate ...
+    assert runs[0].mem_estimate > have
     with pytest.raises(ConfigError, match=r"model 'vanilla': training needs ~[\d,.]+ GiB .* "
                        r"batch_size 4 x seq_len 32\) but this machine has .* use a smaller "
                        r"preset 'micro', or a lower \[train\] batch_size with grad_accum"):
-        plan_runs(load_suite(str(path)))
-    rc = main(["run", str(path), "--dry-run", "--out", str(tmp_path / "runs")])
+        check_memory(suite, runs)
+    assert main(["run", str(path), "--dry-run", "--json"]) == 0
+    capsys.readouterr()
+    rc = main(["run", str(path), "--out", str(tmp_path / "runs")])  # ... a real run refuses
     err = capsys.readouterr().err
     assert rc == 2 and "training needs ~" in err and "Traceback" not in err
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_budget_too_small_names_seq_len_and_batch_size():
