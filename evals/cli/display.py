@@ -324,12 +324,21 @@ def check_table(result: dict[str, Any]) -> None:
 _DEPTH_STYLES = ["grey50", "cyan", "green", "yellow", "bold magenta", "bold red"]
 
 
-def render_routed_text(routed: dict[str, Any]) -> Any:
+def render_routed_text(routed: dict[str, Any], plain: bool = False) -> Any:
     """A `rich.text.Text` of a `route_text` result (`evals.suite.depths`): every token
-    coloured by its recursion depth, plus a legend and the token count per depth."""
+    coloured by its recursion depth, plus a legend and the token count per depth. With
+    `plain` (output that is not a terminal, where colours are lost) a `str` instead: every
+    token followed by its depth in brackets, e.g. "The[2] cat[1]", and the counts."""
+    nr = routed["num_recursions"]
+    counts = [0] * (nr + 1)
+    for tok in routed["tokens"]:
+        counts[min(tok["depth"], nr)] += 1
+    per_depth = "tokens per depth: " + ", ".join(f"{d}: {c}" for d, c in enumerate(counts))
+    if plain:
+        body = "".join(f"{tok['text']}[{tok['depth']}]" for tok in routed["tokens"])
+        return f"{body}\n\n{per_depth}"
     from rich.text import Text
 
-    nr = routed["num_recursions"]
     text = Text()
     for tok in routed["tokens"]:
         text.append(tok["text"], style=_DEPTH_STYLES[min(tok["depth"], len(_DEPTH_STYLES) - 1)])
@@ -337,8 +346,5 @@ def render_routed_text(routed: dict[str, Any]) -> Any:
     for depth in range(nr + 1):
         legend.append(f" {depth} ",
                       style=f"reverse {_DEPTH_STYLES[min(depth, len(_DEPTH_STYLES) - 1)]}")
-    counts = [0] * (nr + 1)
-    for tok in routed["tokens"]:
-        counts[min(tok["depth"], nr)] += 1
-    legend.append("   tokens per depth: " + ", ".join(f"{d}: {c}" for d, c in enumerate(counts)))
+    legend.append("   " + per_depth)
     return text + legend

@@ -134,10 +134,12 @@ def _benchmark_tasks_dir(cache_dir) -> Path:
 
 
 def check_tasks(tasks, cache_dir, where: str = "") -> None:
-    """Every local-looking task ("*_local", "mor_*") must be generated on demand (the
-    synthetic ones), shipped with the package, or present in the offline benchmark copies
-    under `cache_dir`; raises ConfigError naming the fetch command otherwise. Cheap: reads
-    YAML names only, so suites call it before any data or training."""
+    """Every task name must resolve: the synthetic ones (generated on demand), those shipped
+    with the package, the offline benchmark copies under `cache_dir`, or lm-eval's own
+    task index (built-in names, known offline). Raises ConfigError naming the fetch command
+    for a missing local-looking task ("*_local", "mor_*"), and naming the unknown tasks with
+    close names otherwise. Cheap when every name is local (YAML names only, so suites call
+    it before any data or training); lm-eval's index (seconds) is read only for the rest."""
     from mor.errors import ConfigError
 
     bench_tasks = _benchmark_tasks_dir(cache_dir)
@@ -148,6 +150,30 @@ def check_tasks(tasks, cache_dir, where: str = "") -> None:
         raise ConfigError(f"{where}tasks {', '.join(missing)} are not available under "
                           f"'{cache_dir}'; run `mor-bench data benchmarks` first (offline "
                           "copies of the paper's benchmarks)")
+    rest = [t for t in tasks if t not in local and not _is_synthetic(t)]
+    if not rest:
+        return
+    known = set(_builtin_task_names())
+    unknown = [t for t in rest if t not in known]
+    if unknown:
+        import difflib
+
+        names = sorted(known | local)
+        hints = sorted({m for t in unknown for m in difflib.get_close_matches(t, names, n=3)})
+        hint = (f"; did you mean {', '.join(hints)}?" if hints
+                else "; `lm-eval list tasks` lists lm-eval's names")
+        raise ConfigError(f"{where}unknown task(s) {', '.join(unknown)}: not an lm-eval "
+                          f"task or group, nor mor_synthetic or a *_local task{hint}")
+
+
+@functools.cache
+def _builtin_task_names() -> frozenset[str]:
+    """Task, group and tag names of lm-eval's built-in index (read once per process)."""
+    manager = task_manager([], ["-"])  # a non-local name: the built-in index, nothing else
+    names: set[str] = set()
+    for attr in ("all_tasks", "all_groups", "all_tags", "all_subtasks"):
+        names.update(getattr(manager, attr, None) or [])
+    return frozenset(names)
 
 
 def task_include_paths(tasks, *, cache_dir, synthetic_dir) -> list[str]:

@@ -69,10 +69,13 @@ def depth_summary(depths: torch.Tensor, num_recursions: int,
 def route_text(model: CausalLM, tokenizer, text: str,
                max_tokens: int | None = None) -> dict[str, Any]:
     """Depth of every token of `text` (one sequence, truncated to the model's max_seq_len
-    and to `max_tokens`), with each token's text piece."""
+    and to `max_tokens`), with each token's text piece. "tokens_routed" and "tokens_total"
+    count the tokens routed and those of the whole text; "truncated" says whether the text
+    was cut (callers tell the user: the depths of the rest are not computed)."""
     limit = model.cfg.max_seq_len if max_tokens is None else min(max_tokens,
                                                                   model.cfg.max_seq_len)
-    ids = tokenizer.encode(text)[:limit]
+    all_ids = tokenizer.encode(text)
+    ids = all_ids[:limit]
     if not ids:
         raise ConfigError("the text is empty after tokenization; pass some text")
     depths = token_depths(model, torch.tensor([ids]))[0].tolist()
@@ -80,7 +83,9 @@ def route_text(model: CausalLM, tokenizer, text: str,
     return {"routing": model.routing_mode if hasattr(model, "routing_mode") else None,
             "num_recursions": model.cfg.num_recursions,
             "tokens": [{"id": i, "text": p, "depth": d}
-                       for i, p, d in zip(ids, pieces, depths)]}
+                       for i, p, d in zip(ids, pieces, depths)],
+            "tokens_routed": len(ids), "tokens_total": len(all_ids),
+            "truncated": len(ids) < len(all_ids)}
 
 
 # A default sample: filler prose, arithmetic, recall and variable tracking, as in the

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -685,7 +686,9 @@ def test_route_terminal_output(capsys, e2e):
     rc, out, err = run_cli(capsys, "route", str(e2e.sub("mor")), "--text", ROUTE_TEXT)
     assert rc == 0, err
     assert "depth:" in out  # the legend
-    assert "the cat sat." in out
+    # piped (not a terminal): every byte-token followed by its depth, e.g. "t[1]h[2]e[1]"
+    assert "the cat sat." in re.sub(r"\[\d\]", "", out)
+    assert re.search(r"t\[\d\]h\[\d\]e\[\d\]", out)
     assert "routing topk" in out
     assert "tokens per depth:" in out
 
