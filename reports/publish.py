@@ -26,7 +26,9 @@ COPIED_SUFFIXES = (".json", ".toml")
 """What is copied from the run directory (besides nothing else): records and descriptions."""
 SKIPPED_DIRS = {"checkpoints", "tensorboard", "figures"}
 """Never copied: training states, event logs, and figures (re-rendered from the copies)."""
-SKIPPED_FILES = {"train.npy", "val.npy", "val_classes.npy", "model.safetensors"}
+SKIPPED_FILES = {"train.npy", "val.npy", "val_classes.npy", "model.safetensors", "config.json"}
+"""Also never copied: the data arrays, the weights and config.json, the checkpoint's companion
+(its config is in the record, and it repeats the tokenizer)."""
 MAX_FILE_BYTES = 8 * 2**20
 """A copied file larger than this is refused (a record is kilobytes; the BPE-8k tokenizer
 ~0.5 MB): the repository must not swallow a stray artefact."""
