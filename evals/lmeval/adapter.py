@@ -632,8 +632,9 @@ def limit_samples(task: str, manager, limit: int) -> dict[str, list[int]] | None
     of a benchmark rather than items of each of its subtasks: a group that reports one
     aggregate score (MMLU and its categories) gets `limit` items in all, the first ones of
     each subtask in proportion to its size (largest remainder; at least one each, as lm-eval
-    reads an empty list as "all"); a group that only collects benchmarks (mor_paper_local)
-    passes `limit` to each member; a plain task gets its first `limit` items. None when no
+    reads an empty list as "all"); a group that only collects benchmarks (mor_paper_local),
+    or whose metadata says `limit_per_subtask: true` (mor_synthetic: four families reported
+    one by one), passes `limit` to each member; a plain task gets its first `limit` items. None when no
     aggregating group is involved (lm-eval's own `limit` then does the same)."""
     loaded = manager.load([task])
     leaves, groups, members = loaded["tasks"], loaded["groups"], loaded["group_map"]
@@ -649,7 +650,8 @@ def limit_samples(task: str, manager, limit: int) -> dict[str, list[int]] | None
         nonlocal spread
         if name in leaves:
             out[name] = list(range(min(limit, len(leaves[name].eval_docs))))
-        elif groups[name].has_aggregation:
+        elif groups[name].has_aggregation and not (groups[name].metadata or {}).get(
+                "limit_per_subtask"):
             spread = True
             out.update({k: list(range(n)) for k, n in _spread(limit, sizes(name)).items()})
         else:

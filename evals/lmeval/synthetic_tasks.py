@@ -339,7 +339,9 @@ def write_synthetic_tasks(out_dir: Path, *, n_items: int = 200, seed: int = 1234
         "task": list(SYNTHETIC_TASKS),
         "aggregate_metric_list": [{"metric": m, "aggregation": "mean", "weight_by_size": True}
                                   for m in METRICS],
-        "metadata": {"version": _VERSION},
+        # four difficulty families reported one by one: `--limit N` means N items of each
+        # (evals.lmeval.adapter.limit_samples), unlike MMLU's subjects
+        "metadata": {"version": _VERSION, "limit_per_subtask": True},
     }
     _write_if_changed(out_dir / f"{SYNTHETIC_GROUP}.yaml", _dump(group))
     return out_dir

@@ -146,6 +146,20 @@ def check_tasks(tasks, cache_dir, where: str = "") -> None:
     local = local_task_names([PACKAGE_TASKS] + ([bench_tasks] if bench_tasks.is_dir() else []))
     missing = [t for t in tasks if (t.endswith("_local") or t.startswith("mor_"))
                and t not in local and not _is_synthetic(t)]
+    import difflib
+
+    # a typo of a name that IS here (e.g. "mor_synthtic") is not a missing download; an
+    # offline copy ("*_local") is compared with the copies only ("mor_paper_local" is not
+    # a typo of the package's online "mor_paper")
+    present = sorted(local | {"mor_synthetic"})
+    typos = {t: difflib.get_close_matches(
+        t, [n for n in present if n.endswith("_local") == t.endswith("_local")], n=3)
+        for t in missing}
+    typos = {t: close for t, close in typos.items() if close}
+    if typos:
+        hints = sorted({m for close in typos.values() for m in close})
+        raise ConfigError(f"{where}unknown task(s) {', '.join(typos)}; did you mean "
+                          f"{', '.join(hints)}?")
     if missing:
         raise ConfigError(f"{where}tasks {', '.join(missing)} are not available under "
                           f"'{cache_dir}'; run `mor-bench data benchmarks` first (offline "
@@ -156,8 +170,6 @@ def check_tasks(tasks, cache_dir, where: str = "") -> None:
     known = set(_builtin_task_names())
     unknown = [t for t in rest if t not in known]
     if unknown:
-        import difflib
-
         names = sorted(known | local)
         hints = sorted({m for t in unknown for m in difflib.get_close_matches(t, names, n=3)})
         hint = (f"; did you mean {', '.join(hints)}?" if hints

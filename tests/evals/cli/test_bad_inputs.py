@@ -110,6 +110,21 @@ def test_check_tasks_resolves_every_name(tmp_path):
 def test_missing_local_task_still_names_fetch_command(tmp_path):
     with pytest.raises(ConfigError, match="mor-bench data benchmarks"):
         check_tasks(["hellaswag_local"], tmp_path)
+    with pytest.raises(ConfigError, match="mor-bench data benchmarks"):
+        check_tasks(["mor_paper_local"], tmp_path)  # not a typo of the online mor_paper
+
+
+def test_typo_of_a_present_task_is_not_a_missing_download(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        check_tasks(["mor_synthtic"], tmp_path)
+    assert "did you mean mor_synthetic?" in str(e.value)
+    assert "data benchmarks" not in str(e.value)
+    bench = tmp_path / "benchmarks" / "tasks"
+    bench.mkdir(parents=True)
+    (bench / "hellaswag_local.yaml").write_text("task: hellaswag_local\n")
+    check_tasks(["hellaswag_local"], tmp_path)
+    with pytest.raises(ConfigError, match="did you mean hellaswag_local"):
+        check_tasks(["hellaswg_local"], tmp_path)
 
 
 @pytest.mark.slow
