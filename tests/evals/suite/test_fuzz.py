@@ -262,6 +262,7 @@ DATA = {
     "max_docs": pos_int(2),
     "seed": Field("int"),
     "val_windows": pos_int(1),
+    "require_corpus": Field("bool"),  # True refuses the synthetic corpus at run time
 }
 TRAIN = {
     "batch_size": pos_int(), "grad_accum": pos_int(), "log_every": pos_int(),
