@@ -634,8 +634,8 @@ def limit_samples(task: str, manager, limit: int) -> dict[str, list[int]] | None
     each subtask in proportion to its size (largest remainder; at least one each, as lm-eval
     reads an empty list as "all"); a group that only collects benchmarks (mor_paper_local),
     or whose metadata says `limit_per_subtask: true` (mor_synthetic: four families reported
-    one by one), passes `limit` to each member; a plain task gets its first `limit` items. None when no
-    aggregating group is involved (lm-eval's own `limit` then does the same)."""
+    one by one), passes `limit` to each member; a plain task gets its first `limit` items.
+    None when no aggregating group is involved (lm-eval's own `limit` then does the same)."""
     loaded = manager.load([task])
     leaves, groups, members = loaded["tasks"], loaded["groups"], loaded["group_map"]
     out: dict[str, list[int]] = {}
