@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from evals.data.synthetic import Document
+from evals.suite.record import file_mode
 from mor.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -214,9 +215,7 @@ class BPETokenizer(Tokenizer):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary file and rename, so concurrent runs never read half a file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        umask = os.umask(0)  # mkstemp makes 0600: give it the mode open() would
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600: give it the mode open() would
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(tok.to_json())
         os.replace(tmp, path)
