@@ -312,7 +312,7 @@ def check_table(result: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("model", "metric", "verdict")
                          else "right")
     styles = {"regression": "bold red", "missing": "bold red", "failed": "bold red",
-              "improved": "green", "new": "cyan", "ok": ""}
+              "improved": "green", "new": "cyan", "ok": "", "contended": "yellow"}
     for r in result["rows"]:
         verdict = r["verdict"] + (f" ({r['note']})" if r.get("note") else "")
         style = styles.get(r["verdict"], "")

@@ -67,7 +67,12 @@ def load_models(paths: list[str | Path]) -> list[BenchModel]:
         if (p / "plan.json").is_file():  # a suite run directory
             found = []
             for rec_file in sorted(p.glob("*/record.json")):
-                rec = json.loads(rec_file.read_text())
+                try:
+                    rec = json.loads(rec_file.read_text())
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{rec_file}: not valid JSON ({e.msg}, line {e.lineno}); "
+                                      "remove the run directory or rerun it with --resume"
+                                      ) from None
                 if rec.get("status") == "ok" and (rec_file.parent / "config.json").is_file():
                     found.append((rec.get("run_id", rec_file.parent.name), rec_file.parent))
             if not found:

@@ -31,6 +31,7 @@ from evals.suite.record import (
     write_json_atomic,
 )
 from evals.suite.spec import InferSettings, SpeedSettings, SweepSettings
+from evals.suite.status import LoadMeter
 
 Log = Callable[[str], None]
 
@@ -64,9 +65,13 @@ def infer_phase(run_dir: str | Path, settings: InferSettings, log: Log | None = 
     (None without a device profile), apart from the measured figures."""
     from evals.perf.generation import bench_models, load_models
 
+    import torch
+
     run_dir = Path(run_dir)
     models = load_models([run_dir])
+    meter = LoadMeter().start()
     res = bench_models(models, settings, log=log)
+    res["load"] = meter.stop(torch.get_num_threads())
     write_json_atomic(run_dir / INFER_FILE, res)
     by_model: dict[str, dict[str, Any]] = {}
     for row in res["rows"]:
@@ -82,6 +87,7 @@ def infer_phase(run_dir: str | Path, settings: InferSettings, log: Log | None = 
             entry["sequence"] = {k: rows["sequence"].get(k) for k in keep}
         entry["settings"] = res["settings"]
         entry["max_len"] = res["max_len"]
+        entry["load"] = res["load"]
         _update_record(run_dir, name, "infer", entry)
     return res
 
@@ -128,11 +134,13 @@ def speed_phase(run_dir: str | Path, settings: SpeedSettings, train_cfg: dict[st
     if log:
         log(f"  {len(models)} models, {settings.rounds} rounds x {settings.steps_per_round} "
             f"steps (+{settings.warmup_steps} warm-up), reference {first_ref or '-'}")
+    meter = LoadMeter().start()
     res = interleaved_train_speed(models, windows, tcfg, rounds=settings.rounds,
                                   steps_per_round=settings.steps_per_round,
                                   warmup_steps=settings.warmup_steps, reference=first_ref,
                                   seed=0, log=log)
-    res = {**res, "settings": dataclasses.asdict(settings), "references": refs}
+    res = {**res, "settings": dataclasses.asdict(settings), "references": refs,
+           "load": meter.stop(torch.get_num_threads())}
     write_json_atomic(run_dir / SPEED_FILE, res)
     rows = res["rows"]
     for run_id, row in rows.items():
@@ -142,7 +150,7 @@ def speed_phase(run_dir: str | Path, settings: SpeedSettings, train_cfg: dict[st
         entry = {"tokens_per_s": row["tokens_per_s"], "rel_tokens_per_s": rel,
                  "reference": ref if rel is not None else None,
                  "rounds": res["rounds"], "steps_per_round": res["steps_per_round"],
-                 "tokens_per_step": res["tokens_per_step"]}
+                 "tokens_per_step": res["tokens_per_step"], "load": res["load"]}
         _update_record(run_dir, run_id, "speed", entry)
         if log:
             rel = entry["rel_tokens_per_s"]

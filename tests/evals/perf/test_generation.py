@@ -176,6 +176,23 @@ def test_bench_infer_cli_table_and_bad_input(checkpoints, capsys, tmp_path) -> N
     assert main(["bench-infer", checkpoints["mor-2"], "--batch-size", "lots"]) == 2
 
 
+def test_a_broken_record_in_a_suite_directory_is_one_line_naming_the_file(tmp_path,
+                                                                          capsys) -> None:
+    """A truncated record.json (a run killed mid-write by an older version, or edited by
+    hand) is named with the fix, not a JSONDecodeError traceback."""
+    from evals.cli.main import main
+
+    (tmp_path / "plan.json").write_text("{}")
+    run = tmp_path / "vanilla-1e12F-s0"
+    run.mkdir()
+    (run / "record.json").write_text('{"status": "ok", "run_id": ')
+    with pytest.raises(ConfigError, match=r"vanilla-1e12F-s0/record.json: not valid JSON"):
+        load_models([tmp_path])
+    assert main(["bench-infer", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "record.json: not valid JSON" in err and "Traceback" not in err
+
+
 def test_suite_inference_phase_adds_infer_metrics(tmp_path) -> None:
     """A suite with [infer] benchmarks its runs after training: RUN_DIR/infer.json and
     metrics["infer"] in every record, ratios to the suite's vanilla model."""
@@ -190,6 +207,9 @@ def test_suite_inference_phase_adds_infer_metrics(tmp_path) -> None:
     assert {r["model"] for r in res["rows"]} == {r["run_id"] for r in records}
     by_family = {r["family"]: r["metrics"]["infer"] for r in records}
     assert by_family["vanilla"]["rel_tokens_per_s"] == pytest.approx(1.0)
+    # the load the interleaved measurement ran under, for the gate (reports/gate.py)
+    assert res["load"]["wall_s"] > 0 and isinstance(res["load"]["contended"], bool)
+    assert all(m["load"] == res["load"] for m in by_family.values())
     mor = by_family["mor"]
     assert mor["scheduler"] == "depth" and mor["sequence"]["scheduler"] == "sequence"
     assert mor["tokens"] == sum(res["lengths"]) and 1 <= mor["mean_depth"] <= 2

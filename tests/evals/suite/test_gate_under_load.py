@@ -43,6 +43,11 @@ def test_gate_passes_an_unchanged_commit_beside_a_cpu_hog(tmp_path):
         hog.wait()
     assert failed == []
     assert all(r["metrics"]["speed"]["reference"] == "vanilla-1024T-s0" for r in records)
+    # The interleaved measurement records the load it ran under (what the gate judges by).
+    phase_load = json.loads((busy_dir / SPEED_FILE).read_text())["load"]
+    assert phase_load["wall_s"] > 0 and phase_load["threads"] >= 1
+    assert isinstance(phase_load["contended"], bool)
+    assert all(r["metrics"]["speed"]["load"] == phase_load for r in records)
     # Each record's ratio is the one speed.json's rounds give, paired by round.
     rounds = {k: v["round_s"] for k, v in
               json.loads((busy_dir / SPEED_FILE).read_text())["rows"].items()}
