@@ -848,10 +848,13 @@ def run_suite(suite: Suite, out_root: Path, *, corpus: str | None = None,
     world = D.env_world_size()
     if world > 1:
         return _run_suite_torchrun(suite, out_root, corpus, cache_dir, emit, resume)
+    # Sampled before the data preparation, whose own work (tokenizer training, encoding)
+    # raises the load average it would then warn about.
+    busy = _busy_warning(suite) if warn_busy else None
     run_dir, runs, suite_info, suite_event = _prepare(suite, out_root, corpus, cache_dir,
                                                       resume, 1, emit)
-    if warn_busy:
-        _warn_if_busy(suite, suite_event)
+    if busy is not None:
+        suite_event("warning", **busy)
     todo = _announce(runs, run_dir, resume, emit, suite_event)
     train_cfg = dataclasses.asdict(for_world(suite.train, 1))
     ctx = mp.get_context("spawn")
@@ -900,13 +903,15 @@ def _status_marker(run_dir: Path, enabled: bool = True):
     write_suite_status(run_dir, "finished", **outcome)
 
 
-def _warn_if_busy(suite: Suite, suite_event) -> None:
-    """A "warning" event when the machine's 1-minute load average leaves fewer free cores
-    than each run process's threads (`evals.suite.status.busy_cores_warning`)."""
+def _busy_warning(suite: Suite) -> dict[str, Any] | None:
+    """The "warning" event's fields when the machine's 1-minute load average leaves fewer
+    free cores than each run process's threads (`evals.suite.status.busy_cores_warning`),
+    else None."""
     threads = suite.train.threads or os.cpu_count() or 1  # torch's default: every core
     message = busy_cores_warning(threads)
-    if message is not None:
-        suite_event("warning", message=message, threads=threads, loadavg=loadavg())
+    if message is None:
+        return None
+    return {"message": message, "threads": threads, "loadavg": loadavg()}
 
 
 def _announce(runs, run_dir: Path, resume, emit, suite_event) -> dict[str, tuple[str, int]]:

@@ -154,24 +154,56 @@ def test_busy_cores_warning_threshold():
     assert busy_cores_warning(2, cpu_count=2, avg=[0.6, 0, 0]) is not None  # 2 threads
 
 
-def test_warn_if_busy_emits_a_warning_event_only_when_busy(monkeypatch, write_suite):
+def test_busy_warning_only_when_busy(monkeypatch, write_suite):
     import dataclasses
 
-    from evals.suite.runner import _warn_if_busy
+    from evals.suite.runner import _busy_warning
     from evals.suite.spec import load_suite
 
     suite = load_suite(str(write_suite()))
     suite = dataclasses.replace(suite, train=dataclasses.replace(suite.train, threads=1))
     cores = os.cpu_count() or 1
-    got = []
     monkeypatch.setattr(os, "getloadavg", lambda: (cores - 1 + 0.4, 0.0, 0.0))
-    _warn_if_busy(suite, lambda kind, **info: got.append((kind, info)))
-    assert got == []
+    assert _busy_warning(suite) is None
     monkeypatch.setattr(os, "getloadavg", lambda: (cores + 7.25, 0.0, 0.0))
-    _warn_if_busy(suite, lambda kind, **info: got.append((kind, info)))
-    (kind, info), = got
-    assert kind == "warning" and f"{cores + 7.25:.2f}" in info["message"]
+    info = _busy_warning(suite)
+    assert f"{cores + 7.25:.2f}" in info["message"]
     assert "--threads" in info["message"] and info["threads"] == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("busy_before", [False, True])
+def test_busy_warning_samples_the_load_before_the_suite_prepares_its_data(
+        monkeypatch, write_suite, tmp_path, busy_before):
+    """The suite's own data preparation (tokenizer training: a minute at full load) must
+    not set off the warning about OTHER work; load that was there before it does."""
+    import dataclasses
+
+    from evals.suite import runner
+    from evals.suite.spec import load_suite
+
+    suite = load_suite(str(write_suite()))
+    suite = dataclasses.replace(suite, train=dataclasses.replace(suite.train, threads=1))
+    cores = os.cpu_count() or 1
+    load = [cores + 5.0 if busy_before else 0.0]
+    monkeypatch.setattr(os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    events = []
+
+    def fake_prepare(*args, **kwargs):
+        load[0] = cores + 5.0  # the data preparation's own work
+        return (tmp_path, [], {}, lambda kind, **info: events.append(kind))
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(runner, "_prepare", fake_prepare)
+    monkeypatch.setattr(runner, "_announce", stop)
+    with pytest.raises(_Stop):
+        runner.run_suite(suite, tmp_path, warn_busy=True)
+    assert events == (["warning"] if busy_before else [])
 
 
 def test_threads_flag_rejects_zero(capsys):
