@@ -63,9 +63,9 @@ def infer_phase(run_dir: str | Path, settings: InferSettings, log: Log | None = 
     with scheduler "both" the sequence-wise one is kept as metrics["infer"]["sequence"]).
     The throughput model's card of a row stays in its own field, metrics["infer"]["modelled"]
     (None without a device profile), apart from the measured figures."""
-    from evals.perf.generation import bench_models, load_models
-
     import torch
+
+    from evals.perf.generation import bench_models, load_models
 
     run_dir = Path(run_dir)
     models = load_models([run_dir])
