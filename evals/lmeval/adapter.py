@@ -594,14 +594,21 @@ def quiet_lm_eval():
     - no "Overwriting default num_fewshot of <task>" warning per subtask (57 lines for
       MMLU): `run_tasks` always passes num_fewshot and records it;
     - no "fatal: not a git repository" from lm-eval's `git describe` probe when run outside
-      a repository: the probe's stderr goes to /dev/null (its result is kept)."""
+      a repository: the probe's stderr goes to /dev/null (its result is kept);
+    - no "bootstrapping for stddev: perplexity" line per perplexity metric, which lm-eval's
+      `lm_eval.api.metrics` writes with a bare print(): that module's `print` is shadowed
+      by one that drops exactly this message (anything else it prints still prints)."""
+    import builtins
     import logging
     import subprocess
 
+    import lm_eval.api.metrics as metrics
     import lm_eval.evaluator as evaluator
     from tqdm import std
 
     original_init, original_git = std.tqdm.__init__, evaluator.get_git_commit_hash
+    # What the class holds (a descriptor, e.g. a partialmethod), put back as it was.
+    init_descriptor = vars(std.tqdm)["__init__"]
 
     def quiet_init(self, *args, **kwargs):
         kwargs["disable"] = True
@@ -617,14 +624,25 @@ def quiet_lm_eval():
     def drop_note(record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Overwriting default num_fewshot")
 
+    def quiet_print(*args, **kwargs):
+        if not (args and str(args[0]).startswith("bootstrapping for stddev")):
+            builtins.print(*args, **kwargs)
+
     logger = logging.getLogger(evaluator.__name__)
     std.tqdm.__init__, evaluator.get_git_commit_hash = quiet_init, quiet_git
     logger.addFilter(drop_note)
+    had_print = "print" in vars(metrics)
+    original_print = vars(metrics).get("print")
+    metrics.print = quiet_print  # module globals shadow the builtin
     try:
         yield
     finally:
-        std.tqdm.__init__, evaluator.get_git_commit_hash = original_init, original_git
+        std.tqdm.__init__, evaluator.get_git_commit_hash = init_descriptor, original_git
         logger.removeFilter(drop_note)
+        if had_print:
+            metrics.print = original_print
+        else:
+            del metrics.print
 
 
 def limit_samples(task: str, manager, limit: int) -> dict[str, list[int]] | None:

@@ -502,3 +502,36 @@ def test_limit_samples_spreads_in_proportion():
     assert _spread(50, {"a": 3, "b": 4}) == {"a": 3, "b": 4}       # all when N >= total
     got = _spread(200, {f"s{i}": 100 + 7 * i for i in range(57)})
     assert sum(got.values()) == 200 and min(got.values()) >= 1
+
+
+def test_quiet_lm_eval_drops_exactly_lm_evals_noise_and_restores_it(capsys, caplog):
+    """Inside `quiet_lm_eval`: lm-eval's bootstrap print and its tqdm bar, and the
+    per-subtask num_fewshot warning, are gone; anything else still prints; afterwards every
+    patched name is back."""
+    import logging
+    import statistics
+
+    import lm_eval.api.metrics as metrics
+    import lm_eval.evaluator as evaluator
+    from tqdm import std
+
+    from evals.lmeval.adapter import quiet_lm_eval
+
+    before = (vars(std.tqdm)["__init__"], evaluator.get_git_commit_hash,
+              "print" in vars(metrics))
+    with caplog.at_level(logging.WARNING, logger=evaluator.__name__), quiet_lm_eval():
+        reps = metrics._bootstrap_internal_no_mp(statistics.mean, [1.0, 2.0, 3.0], 1000)
+        metrics.print("another lm-eval message")
+        logging.getLogger(evaluator.__name__).warning(
+            "Overwriting default num_fewshot of mmlu_x from None to 0")
+        logging.getLogger(evaluator.__name__).warning("a warning that matters")
+    assert len(reps) == 1000
+    out, err = capsys.readouterr()
+    assert "bootstrapping for stddev" not in out + err and "it/s]" not in err
+    assert "another lm-eval message" in out
+    assert "Overwriting default num_fewshot" not in caplog.text
+    assert "a warning that matters" in caplog.text
+    assert (vars(std.tqdm)["__init__"], evaluator.get_git_commit_hash,
+            "print" in vars(metrics)) == before
+    metrics._bootstrap_internal_no_mp(statistics.mean, [1.0, 2.0], 1000)  # outside: prints
+    assert "bootstrapping for stddev: mean" in capsys.readouterr().out
