@@ -43,6 +43,7 @@ from reports.frame import (
     group_runs,
     model_name,
     num,
+    ok_records,
 )
 from reports.frame import metric as metric_of
 
@@ -419,15 +420,13 @@ def contended_timings(records: list[dict[str, Any]]) -> dict[tuple[str, str], st
     training load otherwise (older records)."""
     keys = _gate_keys(group_runs(records))
     out: dict[tuple[str, str], str] = {}
-    for rec in records:
-        if rec.get("status") != "ok":
-            continue
-        key = keys.get((model_name(rec), budget_label(rec)))
+    for rec in ok_records(records):
+        key = keys[(model_name(rec), budget_label(rec))]
         for metric, field in _TIMING_FIELD.items():
             load = get(rec, "metrics", field, "load")
             if not isinstance(load, dict):
                 load = rec.get("load") if isinstance(rec.get("load"), dict) else {}
-            if key is not None and load.get("contended") is True:
+            if load.get("contended") is True:
                 out.setdefault((key, metric), load.get("reason") or "no reason recorded")
     return out
 

@@ -601,14 +601,13 @@ def quiet_lm_eval():
     import builtins
     import logging
     import subprocess
+    from unittest import mock
 
     import lm_eval.api.metrics as metrics
     import lm_eval.evaluator as evaluator
     from tqdm import std
 
-    original_init, original_git = std.tqdm.__init__, evaluator.get_git_commit_hash
-    # What the class holds (a descriptor, e.g. a partialmethod), put back as it was.
-    init_descriptor = vars(std.tqdm)["__init__"]
+    original_init = std.tqdm.__init__
 
     def quiet_init(self, *args, **kwargs):
         kwargs["disable"] = True
@@ -629,20 +628,15 @@ def quiet_lm_eval():
             builtins.print(*args, **kwargs)
 
     logger = logging.getLogger(evaluator.__name__)
-    std.tqdm.__init__, evaluator.get_git_commit_hash = quiet_init, quiet_git
-    logger.addFilter(drop_note)
-    had_print = "print" in vars(metrics)
-    original_print = vars(metrics).get("print")
-    metrics.print = quiet_print  # module globals shadow the builtin
-    try:
+    # mock.patch.object puts back exactly what was there (tqdm's __init__ descriptor) and
+    # removes what was not (the module-level `print` that shadows the builtin).
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(std.tqdm, "__init__", quiet_init))
+        stack.enter_context(mock.patch.object(evaluator, "get_git_commit_hash", quiet_git))
+        stack.enter_context(mock.patch.object(metrics, "print", quiet_print, create=True))
+        logger.addFilter(drop_note)
+        stack.callback(logger.removeFilter, drop_note)
         yield
-    finally:
-        std.tqdm.__init__, evaluator.get_git_commit_hash = init_descriptor, original_git
-        logger.removeFilter(drop_note)
-        if had_print:
-            metrics.print = original_print
-        else:
-            del metrics.print
 
 
 def limit_samples(task: str, manager, limit: int) -> dict[str, list[int]] | None:

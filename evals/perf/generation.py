@@ -57,8 +57,7 @@ class BenchModel:
 
 def load_models(paths: list[str | Path]) -> list[BenchModel]:
     """Checkpoints (directories or .safetensors), or suite run directories (their ok runs)."""
-    import json
-
+    from evals.suite.record import read_json
     from mor.checkpoint import load_checkpoint, read_checkpoint_meta
 
     ckpts: list[tuple[str, Path]] = []
@@ -67,12 +66,7 @@ def load_models(paths: list[str | Path]) -> list[BenchModel]:
         if (p / "plan.json").is_file():  # a suite run directory
             found = []
             for rec_file in sorted(p.glob("*/record.json")):
-                try:
-                    rec = json.loads(rec_file.read_text())
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{rec_file}: not valid JSON ({e.msg}, line {e.lineno}); "
-                                      "remove the run directory or rerun it with --resume"
-                                      ) from None
+                rec = read_json(rec_file)  # RecordError naming the file if broken
                 if rec.get("status") == "ok" and (rec_file.parent / "config.json").is_file():
                     found.append((rec.get("run_id", rec_file.parent.name), rec_file.parent))
             if not found:

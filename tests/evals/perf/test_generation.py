@@ -186,11 +186,13 @@ def test_a_broken_record_in_a_suite_directory_is_one_line_naming_the_file(tmp_pa
     run = tmp_path / "vanilla-1e12F-s0"
     run.mkdir()
     (run / "record.json").write_text('{"status": "ok", "run_id": ')
-    with pytest.raises(ConfigError, match=r"vanilla-1e12F-s0/record.json: not valid JSON"):
+    from evals.suite.record import RecordError
+
+    with pytest.raises(RecordError, match=r"vanilla-1e12F-s0/record.json' is not valid JSON"):
         load_models([tmp_path])
     assert main(["bench-infer", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "record.json: not valid JSON" in err and "Traceback" not in err
+    assert "record.json' is not valid JSON" in err and "Traceback" not in err
 
 
 def test_suite_inference_phase_adds_infer_metrics(tmp_path) -> None:
