@@ -53,7 +53,8 @@ def test_verdicts_follow_the_interval_and_the_papers_side():
         "contradicted"
     assert by[("mor-3", "vanilla", "val NLL (the model's primary routing)")]["verdict"] == \
         "inconclusive"
-    fixed = by[("mor-2-fixed-tokens", "vanilla", "training time")]
+    fixed = by[("mor-2-fixed-tokens", "vanilla",
+                "training time (sequential: each run's own timing)")]
     assert fixed["budget"] == "300000 tokens vs 1e+12 flops" and fixed["n"] == 3
     assert fixed["effect"] == pytest.approx(math.exp(np.mean(np.log(
         [80 / 100, 81 / 101, 82 / 102]))))
@@ -98,3 +99,28 @@ def test_uptrain_rows_pair_each_uptrained_model_with_its_scratch_twin():
     assert rows["rec-3-average"]["scratch"] is None
     md = uptrain_markdown(list(rows.values()))
     assert "| rec-2-average | average | 1.5e+12 flops | 3 | 5.7500 ±" in md
+
+
+def test_fixed_token_time_is_also_judged_side_by_side_from_the_speed_phase():
+    """The side-by-side time is tokens / metrics.speed.tokens_per_s; a record without a
+    [speed] phase is "not measured", never filled in from the sequential timing."""
+    recs = []
+    for s, (tv, tm) in enumerate(((1000.0, 1100.0), (1010.0, 1150.0), (990.0, 1080.0))):
+        recs += [_rec("vanilla", s, 3.0, tokens=3e5, train_time_s=50.0,
+                      speed={"tokens_per_s": tv}),
+                 _rec("mor-2-fixed-tokens", s, 3.0, budget=3e5, kind="tokens", tokens=3e5,
+                      train_time_s=40.0, speed={"tokens_per_s": tm})]
+    label = "training time (side by side: tokens / [speed] tokens/s)"
+    rows = [r for r in evaluate_claims(recs) if r["metric"] == label]
+    mor2 = next(r for r in rows if r["a"] == "mor-2-fixed-tokens")
+    assert mor2["effect"] == pytest.approx(math.exp(np.mean(np.log(
+        [1000 / 1100, 1010 / 1150, 990 / 1080]))))
+    assert mor2["verdict"] == "supported" and mor2["paper"] == 0.81
+    seq = next(r for r in evaluate_claims(recs) if r["a"] == "mor-2-fixed-tokens"
+               and r["metric"].startswith("training time (sequential"))
+    assert seq["effect"] == pytest.approx(0.8)          # the two measurements stay apart
+    for r in recs:
+        del r["metrics"]["speed"]
+    again = next(r for r in evaluate_claims(recs) if r["a"] == "mor-2-fixed-tokens"
+                 and r["metric"] == label)
+    assert again["verdict"] == "not measured" and again["n"] == 0
