@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from reports.frame import budget_label, fewshot_scores, model_name, ok_records
+from reports.frame import metric as metric_of
 from reports.stats import LEVEL, t_cdf, t_quantile
 
 
@@ -66,8 +67,7 @@ def _train_time_side_by_side(rec: dict[str, Any]) -> float | None:
     (`metrics.speed`): the run's training time at the speed measured side by side with the
     other runs, in alternating rounds of one process (README, "Busy machines"). None
     without a `[speed]` phase."""
-    m = rec.get("metrics") or {}
-    tps, tokens = (m.get("speed") or {}).get("tokens_per_s"), m.get("tokens")
+    tps, tokens = metric_of(rec, "speed", "tokens_per_s"), metric_of(rec, "tokens")
     return tokens / tps if tps and tokens else None
 
 
